@@ -1,0 +1,1 @@
+"""Subcommands of the ``maml`` command line (see ``maml.cli.COMMANDS``)."""

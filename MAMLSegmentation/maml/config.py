@@ -1,0 +1,231 @@
+"""Model configuration as data: what a checkpoint carries besides its weights.
+
+Axis convention: every per-axis value here (spacing, patch size, kernel sizes, strides) is in numpy /
+torch array order, (z, y, x), as nnU-Net stores it. SimpleITK uses (x, y, z); conversions happen in
+``maml.preprocessing`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+NORMALIZATION_SCHEMES = ("ct", "mr", "none")
+MA_VARIANTS = ("paper", "code")
+
+
+@dataclass(frozen=True)
+class Label:
+    """One output class. ``value`` is the voxel value in label maps; 0 is background."""
+
+    value: int
+    name: str
+    color: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class NetworkConfig:
+    """Topology of each phase's nnU-Net v2 PlainConvUNet and of the MA fusion.
+
+    ``ma_variant``: "paper" (f_a = conv3x3x3 + IN + LeakyReLU, then conv1x1x1; paper eq. 1-2) or
+    "code" (the published code: second conv 3x3x3). ``ma_features`` defaults to ``base_features``.
+    """
+
+    base_features: int = 32
+    max_features: int = 320
+    kernel_sizes: list[list[int]] = field(default_factory=lambda: [[3, 3, 3]] * 6)
+    strides: list[list[int]] = field(
+        default_factory=lambda: [[1, 1, 1]] + [[2, 2, 2]] * 4 + [[1, 2, 2]]
+    )
+    n_conv_per_stage: list[int] | int = 2
+    n_conv_per_stage_decoder: list[int] | int = 2
+    deep_supervision: bool = True
+    ma_variant: str = "paper"
+    ma_features: int | None = None
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.kernel_sizes)
+
+    @property
+    def features_per_stage(self) -> list[int]:
+        return [min(self.base_features * 2**s, self.max_features) for s in range(self.n_stages)]
+
+    def convs_per_stage(self) -> list[int]:
+        return _per_stage(self.n_conv_per_stage, self.n_stages, "n_conv_per_stage")
+
+    def convs_per_decoder_stage(self) -> list[int]:
+        return _per_stage(self.n_conv_per_stage_decoder, self.n_stages - 1, "n_conv_per_stage_decoder")
+
+    def total_downsampling(self) -> list[int]:
+        """Product of strides per axis: patch sizes must be divisible by this."""
+        total = [1, 1, 1]
+        for stride in self.strides:
+            total = [t * s for t, s in zip(total, stride)]
+        return total
+
+    def validate(self) -> None:
+        if len(self.strides) != self.n_stages:
+            raise ModelError(
+                f"network config: {len(self.strides)} strides for {self.n_stages} stages"
+            )
+        for name, values in (("kernel_sizes", self.kernel_sizes), ("strides", self.strides)):
+            if any(len(v) != 3 for v in values):
+                raise ModelError(f"network config: every entry of {name} needs 3 values (z, y, x)")
+        if self.ma_variant not in MA_VARIANTS:
+            raise ModelError(
+                f"network config: ma_variant {self.ma_variant!r} is not one of {MA_VARIANTS}"
+            )
+        if self.base_features < 1:
+            raise ModelError("network config: base_features must be positive")
+        self.convs_per_stage()
+        self.convs_per_decoder_stage()
+
+
+def _per_stage(value: list[int] | int, count: int, name: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * count
+    if len(value) != count:
+        raise ModelError(f"network config: {name} needs {count} entries, got {len(value)}")
+    return list(value)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to preprocess inputs, build the network and name its outputs."""
+
+    name: str
+    phases: list[str]
+    labels: list[Label]
+    spacing: list[float]  # (z, y, x) mm, the spacing the network works at
+    patch_size: list[int]  # (z, y, x) voxels
+    normalization: dict[str, str]  # phase -> "ct" | "mr" | "none"
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    intended_use: str = "Research use only. Not for clinical use."
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def label_by_name(self, name: str) -> Label:
+        for label in self.labels:
+            if label.name == name:
+                return label
+        raise ModelError(f"model {self.name!r} has no label named {name!r}")
+
+    def validate(self) -> None:
+        if not self.phases:
+            raise ModelError(f"model {self.name!r}: no phases in configuration")
+        if len(set(self.phases)) != len(self.phases):
+            raise ModelError(f"model {self.name!r}: phase names repeat: {self.phases}")
+        values = sorted(label.value for label in self.labels)
+        if values != list(range(len(self.labels))) or len(values) < 2:
+            raise ModelError(
+                f"model {self.name!r}: label values must be 0..N-1 with N >= 2, got {values}"
+            )
+        if set(self.normalization) != set(self.phases):
+            raise ModelError(
+                f"model {self.name!r}: normalization given for {sorted(self.normalization)}, "
+                f"phases are {self.phases}"
+            )
+        for phase, scheme in self.normalization.items():
+            if scheme not in NORMALIZATION_SCHEMES:
+                raise ModelError(
+                    f"model {self.name!r}: normalization {scheme!r} of phase {phase!r} "
+                    f"is not one of {NORMALIZATION_SCHEMES}"
+                )
+        if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
+            raise ModelError(f"model {self.name!r}: spacing must be 3 positive values (z, y, x)")
+        self.network.validate()
+        divisor = self.network.total_downsampling()
+        if len(self.patch_size) != 3 or any(p % d for p, d in zip(self.patch_size, divisor)):
+            raise ModelError(
+                f"model {self.name!r}: patch size {self.patch_size} must have 3 values divisible "
+                f"by the network's total downsampling {divisor}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["labels"] = [asdict(label) for label in self.labels]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        try:
+            known = {f.name for f in fields(cls)}
+            unknown = set(data) - known
+            if unknown:
+                raise ModelError(f"model configuration has unknown keys {sorted(unknown)}")
+            kwargs = dict(data)
+            kwargs["labels"] = [
+                Label(int(item["value"]), str(item["name"]), tuple(item.get("color", (0.5, 0.5, 0.5))))
+                for item in data["labels"]
+            ]
+            kwargs["network"] = NetworkConfig(**data.get("network", {}))
+            config = cls(**kwargs)
+        except ModelError:
+            raise
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelError(f"model configuration is malformed: {error}") from error
+        config.validate()
+        return config
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ModelError(f"cannot read model configuration {path}: {error}") from error
+        return cls.from_dict(data)
+
+
+LIVER_LABELS = [
+    Label(0, "background", (0.0, 0.0, 0.0)),
+    # Colours of Slicer's standard terminology for liver and liver tumor.
+    Label(1, "liver", (0.86, 0.57, 0.40)),
+    Label(2, "tumor", (0.87, 0.30, 0.26)),
+]
+
+
+def paper_config() -> ModelConfig:
+    """The paper's setting: C=32, 128^3 patches, full nnU-Net depth (for a GPU)."""
+    return ModelConfig(
+        name="maml-liver-paper",
+        phases=["arterial", "venous"],
+        labels=list(LIVER_LABELS),
+        spacing=[1.5, 0.8, 0.8],
+        patch_size=[128, 128, 128],
+        normalization={"arterial": "ct", "venous": "ct"},
+        network=NetworkConfig(
+            base_features=32,
+            kernel_sizes=[[3, 3, 3]] * 6,
+            strides=[[1, 1, 1]] + [[2, 2, 2]] * 4 + [[1, 2, 2]],
+        ),
+    )
+
+
+def demo_config() -> ModelConfig:
+    """Small enough to train on two CPU cores: base 8 features, 4 stages, coarse spacing."""
+    return ModelConfig(
+        name="maml-liver-demo",
+        phases=["arterial", "venous"],
+        labels=list(LIVER_LABELS),
+        spacing=[3.0, 2.5, 2.5],
+        patch_size=[48, 96, 96],
+        normalization={"arterial": "ct", "venous": "ct"},
+        network=NetworkConfig(
+            base_features=8,
+            kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+            strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+        ),
+    )
+
+
+PRESETS = {"paper": paper_config, "demo": demo_config}
