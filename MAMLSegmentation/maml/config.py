@@ -32,7 +32,8 @@ class NetworkConfig:
     """Topology of each phase's nnU-Net v2 PlainConvUNet and of the MA fusion.
 
     ``ma_variant``: "paper" (f_a = conv3x3x3 + IN + LeakyReLU, then conv1x1x1; paper eq. 1-2) or
-    "code" (the published code: second conv 3x3x3). ``ma_features`` defaults to ``base_features``.
+    "code" (the published code: second conv 3x3x3, fused head without bias). The MA module works on
+    ``base_features`` channels, the width of each backbone's last decoder stage (C).
     """
 
     base_features: int = 32
@@ -43,9 +44,9 @@ class NetworkConfig:
     )
     n_conv_per_stage: list[int] | int = 2
     n_conv_per_stage_decoder: list[int] | int = 2
+    conv_bias: bool = True  # nnU-Net v2 plans use biased convolutions
     deep_supervision: bool = True
     ma_variant: str = "paper"
-    ma_features: int | None = None
 
     @property
     def n_stages(self) -> int:
@@ -228,4 +229,13 @@ def demo_config() -> ModelConfig:
     )
 
 
-PRESETS = {"paper": paper_config, "demo": demo_config}
+def published_code_config() -> ModelConfig:
+    """The published code's variant: 16 base features and its MA module (see maml-reference)."""
+    config = paper_config()
+    config.name = "maml-liver-code"
+    config.network.base_features = 16
+    config.network.ma_variant = "code"
+    return config
+
+
+PRESETS = {"paper": paper_config, "demo": demo_config, "code": published_code_config}
