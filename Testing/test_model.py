@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from engine_helpers import tiny_config
+from maml.cli import main
+from maml.errors import ModelError
+from maml.model import FORMAT_VERSION, load_model, read_checkpoint, save_checkpoint
+from maml.network import MAMLNet
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    config = tiny_config()
+    net = MAMLNet(config).eval()
+    path = save_checkpoint(tmp_path / "model.pt", net, config, {"epochs": 3, "data": "unit test"})
+    return path, net, config
+
+
+def test_round_trip_gives_identical_predictions(checkpoint):
+    path, net, config = checkpoint
+    loaded = load_model(path)
+    x = torch.randn(1, 2, 8, 16, 16)
+    assert torch.equal(loaded.network.predict(x)[0], net.predict(x)[0])
+    assert loaded.config.to_dict() == config.to_dict()
+    assert loaded.metadata == {"epochs": 3, "data": "unit test"}
+    assert len(loaded.sha256) == 64
+
+
+def test_checkpoint_loads_with_weights_only(checkpoint):
+    payload = torch.load(checkpoint[0], weights_only=True)
+    assert payload["format_version"] == FORMAT_VERSION
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(checkpoint):
+    path = checkpoint[0]
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+
+
+def test_truncated_file_names_the_file(checkpoint, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(checkpoint[0].read_bytes()[:1000])
+    with pytest.raises(ModelError, match="broken.pt"):
+        load_model(broken)
+
+
+def test_foreign_file_is_refused(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ModelError, match="not a MAML checkpoint"):
+        load_model(other)
+
+
+def test_future_format_version_is_refused(checkpoint, tmp_path):
+    payload = read_checkpoint(checkpoint[0])
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(ModelError, match="format version"):
+        load_model(tmp_path / "future.pt")
+
+
+def test_weights_that_do_not_match_the_configuration(checkpoint, tmp_path):
+    payload = read_checkpoint(checkpoint[0])
+    payload["config"]["network"]["base_features"] = 8
+    torch.save(payload, tmp_path / "mismatch.pt")
+    with pytest.raises(ModelError, match="do not match"):
+        load_model(tmp_path / "mismatch.pt")
+
+
+def test_malformed_configuration(checkpoint, tmp_path):
+    payload = read_checkpoint(checkpoint[0])
+    payload["config"]["normalization"] = {"venous": "ct"}
+    torch.save(payload, tmp_path / "badconfig.pt")
+    with pytest.raises(ModelError, match="normalization"):
+        load_model(tmp_path / "badconfig.pt")
+
+
+def test_info_command_prints_configuration(checkpoint, capsys):
+    assert main(["info", str(checkpoint[0]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["phases"] == ["arterial", "venous"]
+    assert [l["name"] for l in info["labels"]] == ["background", "class1", "class2"]
+    assert info["metadata"]["epochs"] == 3
+    assert main(["info", str(checkpoint[0])]) == 0
+    assert "arterial, venous" in capsys.readouterr().out
+
+
+def test_info_command_on_missing_model_exits_non_zero(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("maml ")
