@@ -1,0 +1,156 @@
+"""Sliding-window inference over a preprocessed volume, nnU-Net style.
+
+Windows overlap by half a patch and are blended with a Gaussian importance map (sigma = patch / 8);
+class probabilities and attention heatmaps are accumulated at the model's resolution, so memory grows
+with the resampled volume, never with the number of windows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import CancelledError, InputError
+from .network import MAMLNet
+
+ProgressCallback = Callable[[float], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class SlidingWindowOptions:
+    patch_size: Sequence[int]
+    overlap: float = 0.5
+    sigma_scale: float = 1.0 / 8
+    batch_size: int = 2
+    mirror: bool = False  # test-time augmentation: all 8 axis flips
+    device: str = "auto"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" takes CUDA when available, else the CPU; "cuda" without a GPU is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but no CUDA GPU is available; use 'cpu' or 'auto'")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise InputError(f"device {name!r} is not one of auto, cpu, cuda")
+    return torch.device(name)
+
+
+def gaussian_importance(patch_size: Sequence[int], sigma_scale: float) -> torch.Tensor:
+    """Separable Gaussian, max 1; no zeros so every voxel of a window gets some weight."""
+    axes = []
+    for size in patch_size:
+        coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+        sigma = max(size * sigma_scale, 1e-3)
+        axes.append(torch.exp(-0.5 * (coords / sigma) ** 2))
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weight /= weight.max()
+    return weight.clamp_min(max(weight[weight > 0].min().item(), 1e-6))
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Evenly spaced starts covering [0, size) with at most (1 - overlap) * patch between them."""
+    if size <= patch:
+        return [0]
+    step = patch * (1 - overlap)
+    count = math.ceil((size - patch) / step) + 1
+    return [round(i * (size - patch) / (count - 1)) for i in range(count)]
+
+
+def _pad_to_patch(data: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
+    """Pads (P, z, y, x) symmetrically with zeros (the normalised mean) up to the patch size."""
+    pads, crop = [], []
+    for size, p in zip(data.shape[1:], patch):
+        total = max(p - size, 0)
+        before = total // 2
+        pads.append((before, total - before))
+        crop.append(slice(before, before + size))
+    flat = [v for pair in reversed(pads) for v in pair]
+    return (F.pad(data, flat) if any(flat) else data), crop
+
+
+def _mirror_axes(mirror: bool) -> list[tuple[int, ...]]:
+    if not mirror:
+        return [()]
+    spatial = (2, 3, 4)
+    return [axes for r in range(4) for axes in itertools.combinations(spatial, r)]
+
+
+def _predict_window(net: MAMLNet, batch: torch.Tensor, phases: Sequence[str], mirror: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    probabilities, heatmaps = None, None
+    flips = _mirror_axes(mirror)
+    for axes in flips:
+        x = torch.flip(batch, axes) if axes else batch
+        p, h = net.predict(x, phases)
+        if axes:
+            p = torch.flip(p, axes)
+            h = torch.flip(h, axes) if h is not None else None
+        probabilities = p if probabilities is None else probabilities + p
+        if h is not None:
+            heatmaps = h if heatmaps is None else heatmaps + h
+    scale = 1.0 / len(flips)
+    return probabilities * scale, (heatmaps * scale if heatmaps is not None else None)
+
+
+def sliding_window_predict(
+    net: MAMLNet,
+    data: np.ndarray | torch.Tensor,
+    phases: Sequence[str],
+    options: SlidingWindowOptions,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (K, z, y, x) and heatmaps (P, z, y, x) or None, float32 numpy on the CPU.
+
+    ``data`` is (P, z, y, x), one normalised channel per present phase in model order.
+    Cancellation is checked between window batches and raises ``CancelledError``.
+    """
+    device = resolve_device(options.device)
+    volume = torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float32)
+    if volume.ndim != 4:
+        raise InputError(f"inference input must be (phases, z, y, x), got shape {tuple(volume.shape)}")
+    patch = [int(p) for p in options.patch_size]
+    volume, crop = _pad_to_patch(volume, patch)
+    shape = volume.shape[1:]
+    starts = list(itertools.product(*(window_starts(s, p, options.overlap) for s, p in zip(shape, patch))))
+
+    net = net.to(device).eval()
+    weight = gaussian_importance(patch, options.sigma_scale).to(device)
+    fused = len(phases) == len(net.phases)
+    probabilities = torch.zeros((net.num_classes, *shape), dtype=torch.float32, device=device)
+    heatmaps = torch.zeros((len(phases), *shape), dtype=torch.float32, device=device) if fused else None
+    weight_sum = torch.zeros(shape, dtype=torch.float32, device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
+
+    with torch.inference_mode(), autocast:
+        for first in range(0, len(starts), options.batch_size):
+            if cancel is not None and cancel():
+                raise CancelledError("inference cancelled")
+            group = starts[first:first + options.batch_size]
+            regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in group]
+            batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
+            p, h = _predict_window(net, batch, phases, options.mirror)
+            for i, region in enumerate(regions):
+                probabilities[(slice(None), *region)] += p[i].float() * weight
+                if heatmaps is not None:
+                    heatmaps[(slice(None), *region)] += h[i].float() * weight
+                weight_sum[region] += weight
+            if progress is not None:
+                progress(min(first + options.batch_size, len(starts)) / len(starts))
+
+    probabilities /= weight_sum
+    probabilities = probabilities[(slice(None), *crop)].cpu().numpy()
+    if heatmaps is not None:
+        heatmaps /= weight_sum
+        heatmaps = heatmaps[(slice(None), *crop)].cpu().numpy()
+    return probabilities, heatmaps

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+import torch
+
+from engine_helpers import tiny_config
+from maml.errors import CancelledError, InputError
+from maml.inference import (SlidingWindowOptions, gaussian_importance, resolve_device,
+                            sliding_window_predict, window_starts)
+from maml.network import MAMLNet
+
+PATCH = [8, 16, 16]
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(1)
+    return MAMLNet(tiny_config()).eval()
+
+
+def test_single_patch_volume_equals_plain_forward(net):
+    data = np.random.default_rng(0).normal(size=(2, *PATCH)).astype(np.float32)
+    probabilities, heatmaps = sliding_window_predict(net, data, net.phases, SlidingWindowOptions(PATCH))
+    expected, expected_heat = net.predict(torch.from_numpy(data)[None])
+    np.testing.assert_allclose(probabilities, expected[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(heatmaps, expected_heat[0].numpy(), atol=1e-5)
+
+
+def test_single_phase_volume_equals_that_heads_forward(net):
+    data = np.random.default_rng(1).normal(size=(1, *PATCH)).astype(np.float32)
+    probabilities, heatmaps = sliding_window_predict(net, data, ["arterial"], SlidingWindowOptions(PATCH))
+    _, logits = net.backbones["arterial"](torch.from_numpy(data)[None])
+    assert heatmaps is None
+    np.testing.assert_allclose(probabilities, torch.softmax(logits[0], 1)[0].detach().numpy(), atol=1e-5)
+
+
+def test_large_volume_probabilities_and_heatmaps_are_valid(net):
+    data = np.random.default_rng(2).normal(size=(2, 13, 37, 29)).astype(np.float32)
+    fractions = []
+    probabilities, heatmaps = sliding_window_predict(
+        net, data, net.phases, SlidingWindowOptions(PATCH, batch_size=3), progress=fractions.append)
+    assert probabilities.shape == (3, 13, 37, 29) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)
+    assert heatmaps.shape == (2, 13, 37, 29)
+    assert heatmaps.min() >= 0 and heatmaps.max() <= 1
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_small_volume_is_padded_and_cropped_back(net):
+    data = np.random.default_rng(3).normal(size=(2, 5, 11, 9)).astype(np.float32)
+    probabilities, heatmaps = sliding_window_predict(net, data, net.phases, SlidingWindowOptions(PATCH))
+    assert probabilities.shape == (3, 5, 11, 9) and heatmaps.shape == (2, 5, 11, 9)
+
+
+def test_mirroring_averages_all_eight_flips(net):
+    data = torch.randn(1, 2, *PATCH)
+    probabilities, _ = sliding_window_predict(net, data[0].numpy(), net.phases,
+                                              SlidingWindowOptions(PATCH, mirror=True))
+    expected = 0
+    for axes in [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]:
+        flipped = torch.flip(data, axes) if axes else data
+        p, _ = net.predict(flipped)
+        expected = expected + (torch.flip(p, axes) if axes else p)
+    np.testing.assert_allclose(probabilities, (expected / 8)[0].numpy(), atol=1e-5)
+
+
+def test_window_starts_cover_the_volume_with_the_requested_overlap():
+    for size, patch in [(16, 16), (17, 16), (100, 16), (37, 16), (5, 16)]:
+        starts = window_starts(size, patch, 0.5)
+        assert starts[0] == 0
+        assert starts[-1] == max(size - patch, 0)
+        steps = np.diff(starts)
+        assert (steps <= patch * 0.5).all() and (steps > 0).all()
+
+
+def test_gaussian_importance_peaks_in_the_centre_without_zeros():
+    weight = gaussian_importance([8, 16, 16], 1 / 8)
+    assert weight.max() == 1.0 and weight.min() > 0
+    assert weight[4, 8, 8] > weight[0, 0, 0]
+    # sigma = patch / 8: one sigma (2 voxels) from the centre along x the weight is exp(-1/2)
+    centre = (16 - 1) / 2
+    expected = np.exp(-0.5 * ((0 - centre) / 2.0) ** 2) / np.exp(-0.5 * ((7 - centre) / 2.0) ** 2)
+    np.testing.assert_allclose(weight[4, 8, 0] / weight[4, 8, 7], expected, rtol=1e-4)
+
+
+def test_cancel_stops_between_windows(net):
+    data = np.zeros((2, 16, 64, 64), np.float32)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(CancelledError):
+        sliding_window_predict(net, data, net.phases, SlidingWindowOptions(PATCH), cancel=cancel)
+    assert len(calls) == 3
+
+
+def test_device_selection():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(InputError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_input_must_be_four_dimensional(net):
+    with pytest.raises(InputError, match="phases, z, y, x"):
+        sliding_window_predict(net, np.zeros(PATCH, np.float32), net.phases, SlidingWindowOptions(PATCH))
