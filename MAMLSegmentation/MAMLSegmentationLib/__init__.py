@@ -1,0 +1,21 @@
+"""MRML-level logic of the MAMLSegmentation module (imports slicer, vtk, SimpleITK, numpy; no Qt).
+
+Importable with ``slicer-core`` alone, so it is tested without the Slicer application.
+"""
+
+from .conversion import (checkVolume3D, ijkToRASFromImage, imageFromVolumeNode, updateVolumeNodeFromImage,
+                         addVolumeNodeFromImage)
+from .errors import CancelledError, MAMLSegmentationError
+from .logic import (DEVICES, PHASES, REGISTRATION_PRESETS, MAMLSegmentationLogic, SegmentationResult,
+                    SegmentationRun, bundledModels, missingPipRequirements, pipConstraints, pipInstallArguments,
+                    sampleDataFiles)
+from .process import EngineProcess, ProgressEvent, parseProgressLine
+from .results import STANDARD_SEGMENTS, importEngineOutput, readEngineOutput
+
+__all__ = [
+    "CancelledError", "DEVICES", "EngineProcess", "MAMLSegmentationError", "MAMLSegmentationLogic", "PHASES",
+    "ProgressEvent", "REGISTRATION_PRESETS", "STANDARD_SEGMENTS", "SegmentationResult", "SegmentationRun",
+    "addVolumeNodeFromImage", "bundledModels", "checkVolume3D", "ijkToRASFromImage", "imageFromVolumeNode",
+    "importEngineOutput", "missingPipRequirements", "parseProgressLine", "pipConstraints", "pipInstallArguments",
+    "readEngineOutput", "sampleDataFiles", "updateVolumeNodeFromImage",
+]

@@ -1,0 +1,389 @@
+"""MAMLSegmentationLogic: the console / GUI entry point, usable without the Slicer application.
+
+It checks the inputs, writes the phases (world coordinates, LPS) to a temporary folder, runs the
+engine's own command line (``maml segment ... --json-progress``) as a background process and turns
+its output folder into nodes. It never computes a segmentation itself: one path for shell, console
+and GUI.
+
+Console example (in Slicer's Python console)::
+
+    from MAMLSegmentation import MAMLSegmentationLogic
+    result = MAMLSegmentationLogic().segment({"arterial": getNode("phantom_arterial"),
+                                              "venous": getNode("phantom_venous")})
+    result.segmentationNode, result.heatmapNodes, result.statisticsTableNode
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from .conversion import checkVolume3D, imageFromVolumeNode
+from .errors import CancelledError, MAMLSegmentationError
+from .process import EngineProcess, ProgressEvent
+from .results import importEngineOutput, readEngineOutput
+
+MODULE_DIR = Path(__file__).resolve().parents[1]          # .../MAMLSegmentation (holds maml/)
+RESOURCES_DIR = MODULE_DIR / "Resources"
+MODELS_DIR = RESOURCES_DIR / "Models"
+SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
+
+PHASES = ("arterial", "venous")
+DEFAULT_REFERENCE_PHASE = "venous"
+REGISTRATION_PRESETS = ("none", "rigid", "affine", "deformable")
+DEVICES = ("auto", "cpu", "cuda")
+
+# pip requirements of the engine beyond what Slicer ships (numpy, SimpleITK) and PyTorch (from the
+# PyTorch extension). "no_deps": installed with --no-deps because its dependencies would replace torch.
+PIP_REQUIREMENTS = [
+    {"requirement": "monai>=1.3", "distribution": "monai", "no_deps": True},
+    {"requirement": "itk-elastix>=0.20", "distribution": "itk-elastix", "no_deps": False},
+    {"requirement": "tqdm>=4.60", "distribution": "tqdm", "no_deps": False},
+    {"requirement": "matplotlib>=3.7", "distribution": "matplotlib", "no_deps": False},
+]
+# What pip must never replace: pinned to the installed versions with a constraints file.
+PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch")
+
+_PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def missingPipRequirements() -> list:
+    """Entries of PIP_REQUIREMENTS whose distribution is not installed."""
+    missing = []
+    for entry in PIP_REQUIREMENTS:
+        try:
+            metadata.version(entry["distribution"])
+        except metadata.PackageNotFoundError:
+            missing.append(entry)
+    return missing
+
+
+def pipConstraints() -> str:
+    """A pip constraints file's text pinning the protected packages to their installed versions."""
+    lines = []
+    for name in PROTECTED_DISTRIBUTIONS:
+        try:
+            lines.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return "\n".join(lines) + "\n"
+
+
+def pipInstallArguments(entries: list, constraintsFile) -> list:
+    """Argument strings for ``slicer.util.pip_install``, one call each (no_deps ones separate)."""
+    calls = []
+    plain = [e["requirement"] for e in entries if not e["no_deps"]]
+    if plain:
+        calls.append(" ".join([*plain, "-c", str(constraintsFile)]))
+    for entry in entries:
+        if entry["no_deps"]:
+            calls.append(f"{entry['requirement']} --no-deps")
+    return calls
+
+
+def bundledModels() -> list:
+    return sorted(MODELS_DIR.glob("*.pt")) if MODELS_DIR.is_dir() else []
+
+
+def sampleDataFiles(phase: str) -> Path | None:
+    """The bundled phantom of a phase: Resources/SampleData/phantom_<phase>.(nrrd|nii.gz|mha)."""
+    for suffix in (".nrrd", ".nii.gz", ".mha"):
+        path = SAMPLE_DATA_DIR / f"phantom_{phase}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def defaultPythonExecutable() -> str:
+    """Slicer's PythonSlicer when running inside Slicer, else this interpreter."""
+    slicerPython = shutil.which("PythonSlicer")
+    return slicerPython or sys.executable
+
+
+@dataclass
+class SegmentationResult:
+    segmentationNode: object
+    heatmapNodes: dict = field(default_factory=dict)     # phase -> scalar volume node
+    transformNodes: dict = field(default_factory=dict)   # moving phase -> transform node
+    statisticsTableNode: object = None
+    tumorTableNode: object = None
+    stats: dict = field(default_factory=dict)
+    referencePhase: str = ""
+    outputDirectory: Path | None = None                  # kept only when the caller gave one
+    log: str = ""
+
+
+class SegmentationRun:
+    """A segmentation running in the background. Call ``poll()`` (a QTimer) or ``wait()``.
+
+    When the engine is done, ``poll()`` imports its results (``result``); on failure or cancel the
+    scene is left as it was and ``error`` holds a ``MAMLSegmentationError``. Temporary files are
+    removed in all cases.
+    """
+
+    def __init__(self, process: EngineProcess, tempDir: Path, outputDir: Path, keepOutput: bool,
+                 scene, phaseNodes: dict, referencePhase: str, outputSegmentation, importResults=True):
+        self.process = process
+        self.tempDir = tempDir
+        self.outputDir = outputDir
+        self.keepOutput = keepOutput
+        self.scene = scene
+        self.phaseNodes = phaseNodes
+        self.referencePhase = referencePhase
+        self.outputSegmentation = outputSegmentation
+        self.importResults = importResults
+        self.result: SegmentationResult | None = None
+        self.error: MAMLSegmentationError | None = None
+        self.state = "running"
+
+    @property
+    def isRunning(self) -> bool:
+        return self.state == "running"
+
+    def poll(self) -> list:
+        if self.state != "running":
+            return []
+        events = self.process.poll()
+        if self.process.state != "running":
+            self._finish()
+        return events
+
+    def _finish(self) -> None:
+        try:
+            if self.process.state == "cancelled":
+                self.state = "cancelled"
+                self.error = CancelledError("Segmentation cancelled; the scene is unchanged.")
+            elif self.process.state != "done":
+                self.state = "failed"
+                self.error = MAMLSegmentationError(f"Segmentation failed: {self.process.errorMessage}")
+            elif self.importResults:
+                try:
+                    output = readEngineOutput(self.outputDir)
+                    nodes = importEngineOutput(self.scene, output, self.phaseNodes, self.referencePhase,
+                                               self.outputSegmentation)
+                except MAMLSegmentationError as error:
+                    self.state, self.error = "failed", error
+                except Exception as error:  # noqa: BLE001  (turned into one clear line)
+                    self.state = "failed"
+                    self.error = MAMLSegmentationError(f"Cannot import the results: {error}")
+                else:
+                    self.state = "done"
+                    self.result = SegmentationResult(
+                        nodes.segmentation, nodes.heatmaps, nodes.transforms, nodes.statisticsTable,
+                        nodes.tumorTable, output.stats, self.referencePhase,
+                        self.outputDir if self.keepOutput else None, self.process.logText())
+            else:
+                self.state = "done"
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        if self.tempDir is not None and self.tempDir.exists():
+            shutil.rmtree(self.tempDir, ignore_errors=True)
+
+    def cancel(self) -> None:
+        if self.state == "running":
+            self.process.cancel()
+            self.poll()
+            if self.state == "running":
+                self._finish()
+
+    def wait(self, progressCallback=None, timeout: float | None = None):
+        """Block until finished; return the result or raise the error."""
+        try:
+            self.process.wait(timeout=timeout, callback=progressCallback)
+        finally:
+            if self.state == "running":
+                self.poll()
+                if self.state == "running":
+                    self._finish()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class MAMLSegmentationLogic:
+    """Segment liver and liver tumors in two-phase CT volume nodes with the MAML engine.
+
+    ``pythonExecutable``: interpreter that runs the engine (PythonSlicer inside Slicer).
+    ``engineCommand``: the command prefix to which ``segment ...`` is appended; default
+    ``[pythonExecutable, "-m", "maml.cli"]`` with the module folder on PYTHONPATH.
+    ``popen``: how processes are started (tests pass their own to run a real stand-in script).
+    """
+
+    def __init__(self, pythonExecutable: str | None = None, engineCommand: list | None = None,
+                 popen=subprocess.Popen, scene=None):
+        self.pythonExecutable = pythonExecutable or defaultPythonExecutable()
+        self.engineCommand = list(engineCommand) if engineCommand else None
+        self.popen = popen
+        self.scene = scene
+
+    # --- the engine's command line -------------------------------------------------------------
+    def engineCommandPrefix(self) -> list:
+        return list(self.engineCommand) if self.engineCommand else [self.pythonExecutable, "-m", "maml.cli"]
+
+    def engineEnvironment(self) -> dict:
+        env = dict(os.environ)
+        paths = [str(MODULE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def buildSegmentCommand(self, phasePaths: dict, outputDir, model=None, registration="deformable",
+                            referencePhase=None, device="auto") -> list:
+        command = [*self.engineCommandPrefix(), "segment"]
+        for phase, path in phasePaths.items():
+            command += ["--phase", f"{phase}={path}"]
+        command += ["--out", str(outputDir), "--register", registration, "--device", device]
+        if referencePhase:
+            command += ["--reference", referencePhase]
+        if model:
+            command += ["--model", str(model)]
+        command.append("--json-progress")
+        return command
+
+    def buildSegmentBatchCommand(self, inputDir, outputDir, model=None, registration="deformable",
+                                 device="auto") -> list:
+        command = [*self.engineCommandPrefix(), "segment-batch", "--input", str(inputDir),
+                   "--out", str(outputDir), "--register", registration, "--device", device]
+        if model:
+            command += ["--model", str(model)]
+        command.append("--json-progress")
+        return command
+
+    def modelInfo(self, model=None, timeout: float = 120) -> dict:
+        """The model's configuration (``maml info MODEL --json``): phases, labels, intended use."""
+        model = self.checkModel(model)
+        command = [*self.engineCommandPrefix(), "info"] + ([str(model)] if model else []) + ["--json"]
+        try:
+            completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                       env=self.engineEnvironment(), check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise MAMLSegmentationError(f"Cannot read the model information: {error}") from error
+        if completed.returncode != 0:
+            lines = (completed.stderr or completed.stdout).strip().splitlines()
+            raise MAMLSegmentationError(lines[-1] if lines else "maml info failed")
+        try:
+            return json.loads(completed.stdout)
+        except ValueError as error:
+            raise MAMLSegmentationError(f"maml info printed no JSON: {error}") from error
+
+    # --- input checks ---------------------------------------------------------------------------
+    @staticmethod
+    def checkModel(model):
+        if model in (None, ""):
+            return None
+        path = Path(model)
+        if not path.is_file():
+            raise MAMLSegmentationError(f"Model file not found: {path}")
+        return path
+
+    def checkInputs(self, phaseNodes: dict, registration: str, device: str, referencePhase, outputSegmentation):
+        if not isinstance(phaseNodes, dict):
+            raise MAMLSegmentationError("phaseNodes must be a dict {phase name: volume node}.")
+        phases = {phase: node for phase, node in phaseNodes.items() if node is not None}
+        if not phases:
+            raise MAMLSegmentationError(
+                f"No input volume: select a volume for at least one phase ({', '.join(PHASES)}).")
+        seen = {}
+        for phase, node in phases.items():
+            if not _PHASE_NAME.match(str(phase)):
+                raise MAMLSegmentationError(f"Invalid phase name '{phase}' (letters, digits and _ only).")
+            if not hasattr(node, "IsA") or not node.IsA("vtkMRMLScalarVolumeNode"):
+                raise MAMLSegmentationError(f"The {phase} input is not a scalar volume node.")
+            key = node.GetID() or id(node)
+            if key in seen:
+                raise MAMLSegmentationError(
+                    f"The same volume '{node.GetName()}' is selected for the {seen[key]} and {phase} phases; "
+                    "each phase needs its own volume.")
+            seen[key] = phase
+            checkVolume3D(node, f"{node.GetName()} ({phase})")
+        scenes = {id(node.GetScene()) for node in phases.values()}
+        if len(scenes) != 1 or next(iter(phases.values())).GetScene() is None:
+            raise MAMLSegmentationError("All input volumes must be in the same scene.")
+        if registration not in REGISTRATION_PRESETS:
+            raise MAMLSegmentationError(
+                f"Unknown registration preset '{registration}' (choose from {', '.join(REGISTRATION_PRESETS)}).")
+        if device not in DEVICES:
+            raise MAMLSegmentationError(f"Unknown device '{device}' (choose from {', '.join(DEVICES)}).")
+        if referencePhase is None:
+            referencePhase = DEFAULT_REFERENCE_PHASE if DEFAULT_REFERENCE_PHASE in phases else next(iter(phases))
+        if referencePhase not in phases:
+            raise MAMLSegmentationError(
+                f"The reference phase '{referencePhase}' has no input volume (given: {', '.join(phases)}).")
+        if outputSegmentation is not None and not outputSegmentation.IsA("vtkMRMLSegmentationNode"):
+            raise MAMLSegmentationError(f"The output '{outputSegmentation.GetName()}' is not a segmentation node.")
+        return phases, referencePhase
+
+    # --- running --------------------------------------------------------------------------------
+    def startSegmentation(self, phaseNodes: dict, outputSegmentation=None, model=None,
+                          registration="deformable", device="auto", referencePhase=None,
+                          outputDirectory=None) -> SegmentationRun:
+        """Check inputs, write them to a temporary folder and start the engine; returns at once."""
+        phases, referencePhase = self.checkInputs(phaseNodes, registration, device, referencePhase,
+                                                  outputSegmentation)
+        model = self.checkModel(model)
+        scene = next(iter(phases.values())).GetScene()
+        tempDir = Path(tempfile.mkdtemp(prefix="MAMLSegmentation-"))
+        try:
+            inputDir = tempDir / "inputs"
+            inputDir.mkdir()
+            phasePaths = {}
+            for phase, node in phases.items():
+                path = inputDir / f"{phase}.nrrd"
+                sitk.WriteImage(imageFromVolumeNode(node), str(path), useCompression=False)
+                phasePaths[phase] = path
+            keep = outputDirectory is not None
+            outputDir = Path(outputDirectory) if keep else tempDir / "output"
+            command = self.buildSegmentCommand(phasePaths, outputDir, model, registration, referencePhase, device)
+            process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
+        except Exception:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        return SegmentationRun(process, tempDir, outputDir, keep, scene, phases, referencePhase,
+                               outputSegmentation)
+
+    def segment(self, phaseNodes: dict, outputSegmentation=None, model=None, registration="deformable",
+                device="auto", waitForCompletion=True, referencePhase=None, outputDirectory=None,
+                progressCallback=None):
+        """Segment; blocking by default (returns a SegmentationResult), else a SegmentationRun."""
+        run = self.startSegmentation(phaseNodes, outputSegmentation, model, registration, device,
+                                     referencePhase, outputDirectory)
+        if not waitForCompletion:
+            return run
+        return run.wait(progressCallback=progressCallback or _printProgress)
+
+    def segmentFolder(self, inputDir, outputDir, model=None, registration="deformable", device="auto",
+                      waitForCompletion=True, progressCallback=None):
+        """``maml segment-batch`` over a folder of cases (nnU-Net layout or a CSV); files only."""
+        inputDir = Path(inputDir)
+        if not inputDir.exists():
+            raise MAMLSegmentationError(f"Input folder not found: {inputDir}")
+        if registration not in REGISTRATION_PRESETS:
+            raise MAMLSegmentationError(f"Unknown registration preset '{registration}'.")
+        if device not in DEVICES:
+            raise MAMLSegmentationError(f"Unknown device '{device}'.")
+        model = self.checkModel(model)
+        Path(outputDir).mkdir(parents=True, exist_ok=True)
+        command = self.buildSegmentBatchCommand(inputDir, outputDir, model, registration, device)
+        process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
+        run = SegmentationRun(process, None, Path(outputDir), True, None, {}, "", None, importResults=False)
+        if not waitForCompletion:
+            return run
+        run.wait(progressCallback=progressCallback or _printProgress)
+        return Path(outputDir)
+
+
+def _printProgress(event: ProgressEvent) -> None:
+    percent = "" if event.fraction is None else f"{event.fraction * 100:3.0f}% "
+    print(f"MAMLSegmentation: {percent}{event.step}: {event.message}".rstrip(": "))

@@ -1,0 +1,319 @@
+"""The engine's output folder -> MRML nodes (segmentation, heatmaps, transforms, tables).
+
+Files read (written by ``maml segment`` in the reference phase's geometry, see issue 4):
+``segmentation.nii.gz``, ``attention_<phase>.nii.gz``, ``transform_<phase>.h5`` and ``stats.json``.
+Everything is read and checked before the first node is added; if adding nodes fails half way,
+the nodes added so far are removed again, so the scene is either complete or unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+import slicer
+
+from .conversion import LPS_FROM_RAS, addVolumeNodeFromImage, ijkToRASFromImage, orientedImageDataFromArray
+from .errors import MAMLSegmentationError
+
+# Standard terminology (DICOM / SNOMED CT codes as in Slicer's terminology lists) and colours
+# (Slicer's GenericAnatomyColors for liver; tumor in its "tumor" green) of the two segments.
+_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+_ANATOMY = "Anatomic codes - DICOM master list"
+STANDARD_SEGMENTS = {
+    "liver": {
+        "name": "Liver",
+        "color": (221 / 255, 130 / 255, 101 / 255),
+        "terminology": f"{_CONTEXT}~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~{_ANATOMY}~^^~^^",
+    },
+    "tumor": {
+        "name": "Liver tumor",
+        "color": (144 / 255, 238 / 255, 144 / 255),
+        "terminology": (
+            f"{_CONTEXT}~SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^"
+            f"~{_ANATOMY}~SCT^10200004^Liver~^^"
+        ),
+    },
+}
+DEFAULT_LABELS = [
+    {"value": 1, "name": "liver", "color": list(STANDARD_SEGMENTS["liver"]["color"])},
+    {"value": 2, "name": "tumor", "color": list(STANDARD_SEGMENTS["tumor"]["color"])},
+]
+
+HEATMAP_COLOR_NODE_NAME = "MAML attention (inferno)"
+HEATMAP_LOWER_THRESHOLD = 0.02
+# Control points of matplotlib's perceptually uniform "inferno" map (value, r, g, b).
+_INFERNO = [
+    (0.00, 0.001, 0.000, 0.014), (0.13, 0.078, 0.043, 0.206), (0.25, 0.258, 0.039, 0.406),
+    (0.38, 0.446, 0.098, 0.441), (0.50, 0.615, 0.162, 0.403), (0.63, 0.790, 0.237, 0.320),
+    (0.75, 0.929, 0.411, 0.145), (0.88, 0.984, 0.624, 0.030), (1.00, 0.988, 0.998, 0.645),
+]
+
+
+@dataclass
+class EngineOutput:
+    """The engine's output folder, read into memory (no nodes yet)."""
+
+    folder: Path
+    labels: sitk.Image
+    attention: dict = field(default_factory=dict)      # phase -> sitk.Image (float32 0..1)
+    transformFiles: dict = field(default_factory=dict)  # phase -> Path of transform_<phase>.h5
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class ImportedNodes:
+    segmentation: object = None
+    heatmaps: dict = field(default_factory=dict)    # phase -> vtkMRMLScalarVolumeNode
+    transforms: dict = field(default_factory=dict)  # phase -> vtkMRMLTransformNode
+    statisticsTable: object = None
+    tumorTable: object = None
+    addedNodes: list = field(default_factory=list)
+
+
+def readEngineOutput(folder) -> EngineOutput:
+    folder = Path(folder)
+    segPath = folder / "segmentation.nii.gz"
+    if not segPath.is_file():
+        raise MAMLSegmentationError(f"The engine wrote no segmentation ({segPath} is missing).")
+    try:
+        labels = sitk.ReadImage(str(segPath))
+    except RuntimeError as error:
+        raise MAMLSegmentationError(f"Cannot read {segPath}: {error}") from error
+    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise MAMLSegmentationError(f"{segPath} is not a 3D label image.")
+    stats = {}
+    statsPath = folder / "stats.json"
+    if statsPath.is_file():
+        try:
+            stats = json.loads(statsPath.read_text())
+        except (OSError, ValueError) as error:
+            raise MAMLSegmentationError(f"Cannot read {statsPath}: {error}") from error
+    attention = {}
+    for path in sorted(folder.glob("attention_*.nii.gz")):
+        phase = path.name[len("attention_"):-len(".nii.gz")]
+        attention[phase] = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+    transforms = {}
+    for path in sorted(folder.glob("transform_*.h5")):
+        transforms[path.name[len("transform_"):-len(".h5")]] = path
+    return EngineOutput(folder, labels, attention, transforms, stats)
+
+
+def _labelDefinitions(stats: dict) -> list:
+    labels = (stats.get("model") or {}).get("labels") or DEFAULT_LABELS
+    out = []
+    for entry in labels:
+        value = int(entry["value"])
+        if value == 0:
+            continue
+        key = str(entry.get("name", "")).strip().lower()
+        standard = STANDARD_SEGMENTS.get(key) or next(
+            (s for k, s in STANDARD_SEGMENTS.items() if s["name"].lower() == key), None
+        )
+        color = standard["color"] if standard else tuple(entry.get("color") or (0.5, 0.5, 0.5))[:3]
+        color = tuple(float(c) / 255 if max(color) > 1 else float(c) for c in color)
+        out.append({
+            "value": value,
+            "name": standard["name"] if standard else str(entry.get("name") or f"Label {value}"),
+            "color": color if not standard else standard["color"],
+            "terminology": standard["terminology"] if standard else None,
+        })
+    return out
+
+
+def heatmapColorNode(scene):
+    """The scene's inferno colour node for attention maps (created once, then reused)."""
+    existing = scene.GetFirstNodeByName(HEATMAP_COLOR_NODE_NAME)
+    if existing is not None and existing.IsA("vtkMRMLProceduralColorNode"):
+        return existing, False
+    node = slicer.vtkMRMLProceduralColorNode()
+    node.SetName(HEATMAP_COLOR_NODE_NAME)
+    node.SetAttribute("Category", "MAMLSegmentation")
+    node.SetTypeToUser()
+    function = node.GetColorTransferFunction()
+    function.RemoveAllPoints()
+    for value, r, g, b in _INFERNO:
+        function.AddRGBPoint(value, r, g, b)
+    node.SetNumberOfTableValues(256) if hasattr(node, "SetNumberOfTableValues") else None
+    scene.AddNode(node)
+    return node, True
+
+
+def _setTable(table, columns: list, rows: list) -> None:
+    """columns: [(name, vtkArrayClass, unit)], rows: list of tuples."""
+    import vtk
+
+    vtable = table.GetTable()
+    arrays = []
+    for name, cls, unit in columns:
+        array = cls()
+        array.SetName(name)
+        vtable.AddColumn(array)
+        if unit:
+            table.SetColumnUnitLabel(name, unit)
+        arrays.append(array)
+    vtable.SetNumberOfRows(len(rows))
+    for r, row in enumerate(rows):
+        for array, value in zip(arrays, row):
+            if isinstance(array, vtk.vtkStringArray):
+                array.SetValue(r, str(value))
+            else:
+                array.SetValue(r, value)
+    table.Modified()
+
+
+def _lpsToRas(point) -> list:
+    return [float(v) for v in LPS_FROM_RAS @ np.asarray(point, float)]
+
+
+def importEngineOutput(scene, output: EngineOutput, phaseNodes: dict, referencePhase: str,
+                       outputSegmentation=None, baseName: str = "MAML") -> ImportedNodes:
+    """Add the output's nodes to the scene; all or nothing."""
+    definitions = _labelDefinitions(output.stats)
+    labelArray = sitk.GetArrayFromImage(output.labels)
+    ijkToRAS = ijkToRASFromImage(output.labels)
+    imported = ImportedNodes()
+    try:
+        _importSegmentation(scene, imported, definitions, labelArray, ijkToRAS, outputSegmentation, baseName)
+        _importHeatmaps(scene, imported, output, baseName)
+        _importTransforms(scene, imported, output, phaseNodes, referencePhase)
+        _importTables(scene, imported, output.stats, baseName)
+    except Exception:
+        for phase, node in imported.transforms.items():
+            moving = phaseNodes.get(phase)
+            if moving is not None and moving.GetTransformNodeID() == node.GetID():
+                moving.SetAndObserveTransformNodeID(None)
+        for node in reversed(imported.addedNodes):
+            if node.GetScene() is scene:
+                scene.RemoveNode(node)
+        raise
+    return imported
+
+
+def _importSegmentation(scene, imported, definitions, labelArray, ijkToRAS, outputSegmentation, baseName):
+    names = [d["name"] for d in definitions]
+    if outputSegmentation is None:
+        segNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{baseName} segmentation")
+        imported.addedNodes.append(segNode)
+    else:
+        segNode = outputSegmentation
+    segNode.CreateDefaultDisplayNodes()
+    segmentation = segNode.GetSegmentation()
+    wasModifying = segNode.StartModify()
+    try:
+        for name in names:
+            segmentId = segmentation.GetSegmentIdBySegmentName(name)
+            if segmentId:
+                segmentation.RemoveSegment(segmentId)
+        for definition in definitions:
+            mask = (labelArray == definition["value"]).astype(np.uint8)
+            oriented = orientedImageDataFromArray(mask, ijkToRAS)
+            segmentId = segNode.AddSegmentFromBinaryLabelmapRepresentation(
+                oriented, definition["name"], list(definition["color"])
+            )
+            segment = segmentation.GetSegment(segmentId)
+            if definition["terminology"]:
+                segment.SetTerminology(definition["terminology"])
+        # Reference geometry = the engine's label grid (the reference phase in world coordinates).
+        grid = slicer.vtkOrientedImageData()
+        grid.SetExtent(0, labelArray.shape[2] - 1, 0, labelArray.shape[1] - 1, 0, labelArray.shape[0] - 1)
+        grid.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijkToRAS))
+        geometry = slicer.vtkSegmentationConverter.SerializeImageGeometry(grid)
+        segmentation.SetConversionParameter(
+            slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(), geometry
+        )
+    finally:
+        segNode.EndModify(wasModifying)
+    imported.segmentation = segNode
+
+
+def _importHeatmaps(scene, imported, output, baseName):
+    if not output.attention:
+        return
+    colorNode, created = heatmapColorNode(scene)
+    if created:
+        imported.addedNodes.append(colorNode)
+    for phase, image in output.attention.items():
+        node = addVolumeNodeFromImage(scene, image, f"{baseName} attention {phase}")
+        imported.addedNodes.append(node)
+        node.SetAttribute("MAMLSegmentation.phase", phase)
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID(colorNode.GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        display.SetApplyThreshold(True)
+        display.SetLowerThreshold(HEATMAP_LOWER_THRESHOLD)
+        display.SetUpperThreshold(1.0e6)
+        display.SetInterpolate(True)
+        imported.heatmaps[phase] = node
+
+
+def _importTransforms(scene, imported, output, phaseNodes, referencePhase):
+    for phase, path in output.transformFiles.items():
+        moving = phaseNodes.get(phase)
+        if moving is None or phase == referencePhase:
+            continue
+        node = scene.AddNewNodeByClass("vtkMRMLTransformNode", f"{phase} to {referencePhase} registration")
+        imported.addedNodes.append(node)
+        storage = slicer.vtkMRMLTransformStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.ReadData(node):
+            raise MAMLSegmentationError(f"Cannot read the registration transform {path}.")
+        node.SetAttribute("MAMLSegmentation.phase", phase)
+        imported.transforms[phase] = node
+    # Attach after all were read, so a failure above leaves the moving volumes untouched.
+    for phase, node in imported.transforms.items():
+        attachTransformOnTop(phaseNodes[phase], node)
+
+
+def attachTransformOnTop(movingNode, transformNode) -> None:
+    """Make ``transformNode`` the outermost transform of the moving volume (not hardened).
+
+    The engine registered the moving volume as shown in world coordinates, i.e. with its existing
+    parent transforms applied; the registration therefore goes above them.
+    """
+    top = movingNode
+    while top.GetParentTransformNode() is not None and top.GetParentTransformNode() is not transformNode:
+        top = top.GetParentTransformNode()
+    top.SetAndObserveTransformNodeID(transformNode.GetID())
+
+
+def _importTables(scene, imported, stats, baseName):
+    import vtk
+
+    if not stats:
+        return
+    summary = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{baseName} statistics")
+    imported.addedNodes.append(summary)
+    burden = stats.get("tumor_burden")
+    rows = [
+        ("Tumor count", float(stats.get("tumor_count", len(stats.get("tumors", [])))), ""),
+        ("Liver volume", float(stats.get("liver_volume_ml", float("nan"))), "mL"),
+        ("Total tumor volume", float(sum(t.get("volume_ml", 0.0) for t in stats.get("tumors", []))), "mL"),
+        ("Tumor burden", float(burden) * 100 if burden is not None else float("nan"), "%"),
+    ]
+    _setTable(summary, [("Measurement", vtk.vtkStringArray, ""), ("Value", vtk.vtkDoubleArray, ""),
+                        ("Unit", vtk.vtkStringArray, "")], rows)
+    model = stats.get("model") or {}
+    for key, value in (("model", model.get("name")), ("model_sha256", model.get("sha256")),
+                       ("device", stats.get("device"))):
+        if value is not None:
+            summary.SetAttribute(f"MAMLSegmentation.{key}", str(value))
+    imported.statisticsTable = summary
+
+    tumors = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{baseName} tumors")
+    imported.addedNodes.append(tumors)
+    tumorRows = []
+    for tumor in stats.get("tumors", []):
+        r, a, s = _lpsToRas(tumor.get("centroid_lps", (float("nan"),) * 3))
+        tumorRows.append((int(tumor.get("id", len(tumorRows) + 1)), float(tumor.get("volume_ml", float("nan"))),
+                          float(tumor.get("diameter_mm", float("nan"))), r, a, s))
+    _setTable(tumors, [("Tumor", vtk.vtkIntArray, ""), ("Volume", vtk.vtkDoubleArray, "mL"),
+                       ("Largest diameter", vtk.vtkDoubleArray, "mm"), ("Centroid R", vtk.vtkDoubleArray, "mm"),
+                       ("Centroid A", vtk.vtkDoubleArray, "mm"), ("Centroid S", vtk.vtkDoubleArray, "mm")],
+              tumorRows)
+    imported.tumorTable = tumors

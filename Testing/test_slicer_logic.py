@@ -1,0 +1,376 @@
+"""MAMLSegmentationLib against slicer-core: a real MRML scene and Slicer's module logics.
+
+The engine is run as a real background process. Until ``maml segment`` lands, the process is
+``slicer_fake_engine.py``, which speaks the same command line and JSON-lines protocol and writes
+valid output files (labels = thresholds of the reference phase, so they can be predicted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import vtk
+
+from slicer_fixtures import ijk_to_ras, make_volume_node, node_count, oblique_direction, scene  # noqa: F401
+
+import slicer
+from MAMLSegmentationLib import (
+    MAMLSegmentationError,
+    MAMLSegmentationLogic,
+    CancelledError,
+    imageFromVolumeNode,
+    updateVolumeNodeFromImage,
+)
+from MAMLSegmentationLib.conversion import ijkToRASArray
+
+FAKE_ENGINE = Path(__file__).with_name("slicer_fake_engine.py")
+F = np.diag([-1.0, -1.0, 1.0])
+
+
+def temp_dirs() -> set:
+    return set(Path(tempfile.gettempdir()).glob("MAMLSegmentation-*"))
+
+
+def fake_logic() -> MAMLSegmentationLogic:
+    return MAMLSegmentationLogic(engineCommand=[sys.executable, str(FAKE_ENGINE)])
+
+
+def phantom(shape=(12, 20, 24), seed=0) -> np.ndarray:
+    """A box 'liver' (150) with two separate 'tumors' (250) in a 0..50 background."""
+    rng = np.random.default_rng(seed)
+    array = rng.uniform(0, 50, shape).astype(np.int16)
+    array[2:10, 4:16, 4:20] = 150
+    array[4:7, 6:9, 6:9] = 250
+    array[4:8, 10:14, 13:18] = 250
+    return array
+
+
+def ras_of_index(matrix, ijk) -> np.ndarray:
+    return (np.asarray(matrix) @ np.append(np.asarray(ijk, float), 1.0))[:3]
+
+
+# ---------------------------------------------------------------- node <-> image ----------------
+
+def test_round_trip_oblique_anisotropic(scene):
+    matrix = ijk_to_ras((0.7, 1.3, 2.5), (-12.0, 30.0, 55.0), oblique_direction())
+    array = phantom()
+    node = make_volume_node(scene, array, matrix, "oblique")
+    image = imageFromVolumeNode(node)
+    assert image.GetSize() == (24, 20, 12)
+    np.testing.assert_allclose(image.GetSpacing(), (0.7, 1.3, 2.5))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array)
+    for ijk in [(0, 0, 0), (23, 0, 0), (5, 17, 9), (23, 19, 11)]:
+        lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
+        np.testing.assert_allclose(lps, F @ ras_of_index(matrix, ijk), atol=1e-9)
+
+    back = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "back")
+    updateVolumeNodeFromImage(back, image)
+    np.testing.assert_allclose(ijkToRASArray(back), matrix, atol=1e-12)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(back), array)
+
+
+def test_linear_parent_transform_is_in_world_coordinates_and_input_untouched(scene):
+    matrix = ijk_to_ras((1.0, 1.5, 3.0), (5.0, -7.0, 2.0), oblique_direction(30, -15))
+    node = make_volume_node(scene, phantom(), matrix, "moved")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "t")
+    toParent = np.eye(4)
+    toParent[:3, :3] = oblique_direction(-25, 5)
+    toParent[:3, 3] = (10.0, -4.0, 8.5)
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(toParent))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    before = node_count(scene)
+
+    image = imageFromVolumeNode(node)
+    for ijk in [(0, 0, 0), (3, 11, 7), (23, 19, 11)]:
+        world = (toParent @ np.append(ras_of_index(matrix, ijk), 1))[:3]
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint(ijk), F @ world, atol=1e-9)
+    local = imageFromVolumeNode(node, worldCoordinates=False)
+    np.testing.assert_allclose(local.TransformIndexToPhysicalPoint((3, 11, 7)),
+                               F @ ras_of_index(matrix, (3, 11, 7)), atol=1e-9)
+    assert node.GetTransformNodeID() == transform.GetID()
+    np.testing.assert_allclose(ijkToRASArray(node), matrix)
+    assert node_count(scene) == before
+
+
+def test_nonlinear_parent_transform_is_resampled_on_a_copy(scene):
+    array = phantom().astype(np.float32)
+    node = make_volume_node(scene, array, ijk_to_ras((2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), "warped")
+    # A thin-plate spline that is exactly a shift of one voxel (2 mm) towards R: non-linear class.
+    tps = vtk.vtkThinPlateSplineTransform()
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for p in [(0, 0, 0), (60, 0, 0), (0, 60, 0), (0, 0, 60), (60, 60, 60)]:
+        source.InsertNextPoint(p)
+        target.InsertNextPoint(p[0] + 2.0, p[1], p[2])
+    tps.SetSourceLandmarks(source)
+    tps.SetTargetLandmarks(target)
+    tps.SetBasisToR()
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "tps")
+    transform.SetAndObserveTransformToParent(tps)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    assert not transform.IsTransformToWorldLinear()
+    before = node_count(scene)
+
+    image = imageFromVolumeNode(node)
+    out = sitk.GetArrayFromImage(image)
+    # Same grid; content moved one voxel along +i (R): out[k, j, i] == array[k, j, i - 1].
+    np.testing.assert_allclose(image.GetOrigin(), (0, 0, 0), atol=1e-9)
+    np.testing.assert_allclose(out[:, :, 1:-1], array[:, :, :-2], atol=1e-3)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), array)
+    assert node.GetTransformNodeID() == transform.GetID()
+    assert node_count(scene) == before
+
+
+# ---------------------------------------------------------------- segment() ---------------------
+
+def two_phase_case(scene, with_parent=False):
+    matrix = ijk_to_ras((0.8, 0.9, 2.0), (20.0, -15.0, 40.0), oblique_direction(15, 5))
+    venous = make_volume_node(scene, phantom(seed=1), matrix, "venous")
+    arterial = make_volume_node(scene, phantom(seed=2), matrix, "arterial")
+    return arterial, venous, matrix
+
+
+def test_segment_two_phases_imports_all_results(scene):
+    arterial, venous, matrix = two_phase_case(scene)
+    before_dirs = temp_dirs()
+    result = fake_logic().segment({"arterial": arterial, "venous": venous}, registration="rigid")
+    assert temp_dirs() == before_dirs, "temporary files left behind"
+
+    # Segmentation: names, colours, terminology, labels in the reference (venous) geometry.
+    seg = result.segmentationNode
+    segmentation = seg.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["Liver", "Liver tumor"]
+    liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver"))
+    tumor = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver tumor"))
+    np.testing.assert_allclose(liver.GetColor(), (221 / 255, 130 / 255, 101 / 255), atol=1e-6)
+    assert "SCT^10200004^Liver" in liver.GetTerminology()
+    assert "SCT^108369006^Neoplasm" in tumor.GetTerminology()
+    assert seg.GetDisplayNode() is not None
+
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
+    segmentIds = vtk.vtkStringArray()
+    for name in names:
+        segmentIds.InsertNextValue(segmentation.GetSegmentIdBySegmentName(name))
+    slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(seg, segmentIds, labelmap, venous)
+    exported = slicer.util.arrayFromVolume(labelmap)
+    source = slicer.util.arrayFromVolume(venous)
+    expected = np.where(source >= 200, 2, np.where(source >= 100, 1, 0))
+    np.testing.assert_array_equal(exported, expected)
+    np.testing.assert_allclose(ijkToRASArray(labelmap), matrix, atol=1e-6)
+
+    # Heatmaps: one per phase, perceptual colour map, window 0..1, ~0 transparent, reference geometry.
+    assert set(result.heatmapNodes) == {"arterial", "venous"}
+    for phase, heat in result.heatmapNodes.items():
+        display = heat.GetDisplayNode()
+        color = display.GetColorNode()
+        assert color.IsA("vtkMRMLProceduralColorNode")
+        assert display.GetWindow() == pytest.approx(1.0) and display.GetLevel() == pytest.approx(0.5)
+        assert display.GetApplyThreshold() and 0 < display.GetLowerThreshold() < 0.1
+        np.testing.assert_allclose(ijkToRASArray(heat), matrix, atol=1e-6)
+        values = slicer.util.arrayFromVolume(heat)
+        assert values.min() >= 0 and values.max() <= 1
+    ramp = result.heatmapNodes["venous"].GetDisplayNode().GetColorNode().GetColorTransferFunction()
+    lum = [np.dot(ramp.GetColor(v), (0.2126, 0.7152, 0.0722)) for v in np.linspace(0, 1, 11)]
+    assert all(b > a for a, b in zip(lum, lum[1:])), "colour map luminance must increase"
+    att = slicer.util.arrayFromVolume(result.heatmapNodes["venous"])
+    np.testing.assert_allclose(att, np.clip(source / 300.0, 0, 1), atol=1e-6)
+
+    # Registration transform: parent of the moving phase only, not hardened, ITK mapping in RAS.
+    transform = result.transformNodes["arterial"]
+    assert arterial.GetTransformNodeID() == transform.GetID()
+    assert venous.GetTransformNodeID() is None
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(arterial), phantom(seed=2))
+    center = [(s - 1) / 2 for s in (24, 20, 12)]
+    itk = sitk.Euler3DTransform()
+    itk.SetCenter(imageFromVolumeNode(venous).TransformContinuousIndexToPhysicalPoint(center))
+    itk.SetRotation(0.0, 0.0, 0.05)
+    itk.SetTranslation((2.0, -3.0, 1.5))
+    for ras in [(20.0, -15.0, 40.0), (5.0, 3.0, 52.0)]:
+        expected_ras = F @ np.array(itk.TransformPoint(tuple(F @ np.array(ras))))
+        got = transform.GetTransformFromParent().TransformPoint(ras)
+        np.testing.assert_allclose(got, expected_ras, atol=1e-6)
+
+    # Statistics tables, from stats.json.
+    stats = result.stats
+    assert stats["tumor_count"] == 2
+    summary = result.statisticsTableNode
+    rows = {summary.GetCellText(r, 0): float(summary.GetCellText(r, 1)) for r in range(summary.GetNumberOfRows())}
+    assert rows["Tumor count"] == 2
+    assert rows["Liver volume"] == pytest.approx(stats["liver_volume_ml"], rel=1e-6)
+    assert rows["Tumor burden"] == pytest.approx(100 * stats["tumor_burden"], rel=1e-6)
+    voxel_ml = 0.8 * 0.9 * 2.0 / 1000
+    assert rows["Total tumor volume"] == pytest.approx((expected == 2).sum() * voxel_ml, rel=1e-6)
+    tumors = result.tumorTableNode
+    assert tumors.GetNumberOfRows() == 2
+    assert tumors.GetColumnUnitLabel("Volume") == "mL"
+    centroid = stats["tumors"][0]["centroid_lps"]
+    assert float(tumors.GetCellText(0, 3)) == pytest.approx(-centroid[0])
+    assert float(tumors.GetCellText(0, 5)) == pytest.approx(centroid[2])
+
+
+def test_missing_phase_runs_the_present_phase_only(scene):
+    _, venous, matrix = two_phase_case(scene)
+    result = fake_logic().segment({"arterial": None, "venous": venous})
+    assert result.heatmapNodes == {} and result.transformNodes == {}
+    assert result.segmentationNode.GetSegmentation().GetNumberOfSegments() == 2
+    assert result.referencePhase == "venous"
+
+
+def test_existing_output_segmentation_is_reused(scene):
+    arterial, venous, _ = two_phase_case(scene)
+    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    out.GetSegmentation().AddEmptySegment("", "Liver")
+    out.GetSegmentation().AddEmptySegment("", "Other")
+    result = fake_logic().segment({"venous": venous}, outputSegmentation=out)
+    assert result.segmentationNode is out
+    names = sorted(out.GetSegmentation().GetNthSegment(i).GetName()
+                   for i in range(out.GetSegmentation().GetNumberOfSegments()))
+    assert names == ["Liver", "Liver tumor", "Other"]
+
+
+def test_output_directory_is_kept_when_given(scene, tmp_path):
+    arterial, venous, _ = two_phase_case(scene)
+    result = fake_logic().segment({"arterial": arterial, "venous": venous}, outputDirectory=tmp_path / "case")
+    assert result.outputDirectory == tmp_path / "case"
+    assert {"segmentation.nii.gz", "stats.json", "overview.png", "transform_arterial.h5"} <= {
+        p.name for p in (tmp_path / "case").iterdir()}
+
+
+# ---------------------------------------------------------------- bad input ---------------------
+
+def bad_input_cases(scene, tmp_path):
+    arterial, venous, _ = two_phase_case(scene)
+    flat = make_volume_node(scene, np.zeros((1, 20, 24), np.int16), None, "slice")
+    return {
+        "same node twice": (dict(phaseNodes={"arterial": venous, "venous": venous}), "same volume 'venous'"),
+        "no phases": (dict(phaseNodes={"arterial": None, "venous": None}), "No input volume"),
+        "2D volume": (dict(phaseNodes={"venous": flat}), "is 2D"),
+        "missing model": (dict(phaseNodes={"venous": venous}, model=str(tmp_path / "nope.pt")), "nope.pt"),
+        "bad preset": (dict(phaseNodes={"venous": venous}, registration="elastic"), "elastic"),
+        "bad reference": (dict(phaseNodes={"venous": venous}, referencePhase="arterial"), "reference phase"),
+    }
+
+
+@pytest.mark.parametrize("case", ["same node twice", "no phases", "2D volume", "missing model", "bad preset",
+                                  "bad reference"])
+def test_bad_inputs_give_clear_errors_and_leave_scene_unchanged(scene, tmp_path, case):
+    kwargs, message = bad_input_cases(scene, tmp_path)[case]
+    before, dirs = node_count(scene), temp_dirs()
+    with pytest.raises(MAMLSegmentationError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        fake_logic().segment(**kwargs)
+    assert node_count(scene) == before
+    assert temp_dirs() == dirs
+
+
+def test_engine_error_is_reported_and_scene_unchanged(scene, monkeypatch):
+    arterial, venous, _ = two_phase_case(scene)
+    monkeypatch.setenv("FAKE_ENGINE_FAIL", "phases look like different patients")
+    before, dirs = node_count(scene), temp_dirs()
+    with pytest.raises(MAMLSegmentationError, match="different patients"):
+        fake_logic().segment({"arterial": arterial, "venous": venous})
+    assert node_count(scene) == before and arterial.GetTransformNodeID() is None
+    assert temp_dirs() == dirs
+
+
+def test_engine_that_cannot_start_is_a_clear_error(scene):
+    _, venous, _ = two_phase_case(scene)
+    before, dirs = node_count(scene), temp_dirs()
+    logic = MAMLSegmentationLogic(engineCommand=["/nonexistent/PythonSlicer", "-m", "maml.cli"])
+    with pytest.raises(MAMLSegmentationError, match="Cannot start"):
+        logic.segment({"venous": venous})
+    assert node_count(scene) == before and temp_dirs() == dirs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups checked through /proc")
+def test_cancel_kills_process_tree_removes_temp_files_scene_unchanged(scene, monkeypatch, tmp_path):
+    arterial, venous, _ = two_phase_case(scene)
+    pid_file = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_ENGINE_DELAY", "120")
+    monkeypatch.setenv("FAKE_ENGINE_CHILD_PID_FILE", str(pid_file))
+    before, dirs = node_count(scene), temp_dirs()
+    run = fake_logic().segment({"arterial": arterial, "venous": venous}, waitForCompletion=False)
+    assert run.isRunning and len(temp_dirs() - dirs) == 1
+    steps, deadline = [], time.monotonic() + 60
+    while "inference" not in steps and time.monotonic() < deadline:
+        steps += [e.step for e in run.poll()]
+        time.sleep(0.05)
+    assert "inference" in steps and run.isRunning
+    child = int(pid_file.read_text())
+    leader = run.process.pid
+    assert _alive(child) and _alive(leader)
+    run.cancel()
+    assert run.state == "cancelled" and isinstance(run.error, CancelledError)
+    deadline = time.monotonic() + 10
+    while (_alive(child) or _alive(leader)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(leader) and not _alive(child)
+    assert temp_dirs() == dirs
+    assert node_count(scene) == before and arterial.GetTransformNodeID() is None
+    with pytest.raises(CancelledError):
+        run.wait()
+
+
+def test_progress_events_and_capped_log(scene):
+    from MAMLSegmentationLib import EngineProcess, parseProgressLine
+
+    assert parseProgressLine('{"step": "register", "fraction": 1.7, "message": "x"}').fraction == 1.0
+    assert parseProgressLine("Warning: something") is None
+    assert parseProgressLine("{not json") is None
+    script = ("import json\nfor i in range(50): print('noise', i)\n"
+              "print(json.dumps({'step': 'done', 'fraction': 1, 'message': 'ok'}))")
+    process = EngineProcess([sys.executable, "-c", script], logLines=10)
+    events = []
+    assert process.wait(callback=events.append) == "done"
+    assert [e.step for e in events] == ["done"] and len(process.log) == 10
+    failing = EngineProcess([sys.executable, "-c", "import sys; print('maml segment: error: bad file x.nrrd',"
+                             " file=sys.stderr); sys.exit(1)"])
+    assert failing.wait() == "failed" and "bad file x.nrrd" in failing.errorMessage
+
+
+# ---------------------------------------------------------------- command line / deps -----------
+
+def test_segment_command_line_follows_the_engine_contract(tmp_path):
+    logic = MAMLSegmentationLogic(pythonExecutable="/opt/Slicer/bin/PythonSlicer")
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"x")
+    command = logic.buildSegmentCommand({"arterial": "/t/a.nrrd", "venous": "/t/v.nrrd"}, "/t/out", model,
+                                        "affine", "venous", "cpu")
+    assert command[:4] == ["/opt/Slicer/bin/PythonSlicer", "-m", "maml.cli", "segment"]
+    joined = " ".join(command)
+    for part in ["--phase arterial=/t/a.nrrd", "--phase venous=/t/v.nrrd", "--out /t/out", "--register affine",
+                 "--reference venous", "--device cpu", f"--model {model}"]:
+        assert part in joined
+    assert command[-1] == "--json-progress"
+    env = logic.engineEnvironment()
+    assert env["PYTHONPATH"].split(os.pathsep)[0].endswith("MAMLSegmentation")
+    assert (Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "maml" / "cli.py").is_file()
+
+
+def test_dependency_install_never_replaces_shipped_packages(tmp_path):
+    from MAMLSegmentationLib import logic as lib
+
+    constraints = lib.pipConstraints()
+    for name in ("numpy", "SimpleITK", "torch"):
+        assert f"{name}==" in constraints
+    calls = lib.pipInstallArguments(lib.PIP_REQUIREMENTS, tmp_path / "c.txt")
+    monai = [c for c in calls if c.startswith("monai")]
+    assert monai and all("--no-deps" in c for c in monai)
+    assert all(("--no-deps" in c) or (f"-c {tmp_path / 'c.txt'}" in c) for c in calls)
+    assert not any(n in c.split() for c in calls for n in ("torch", "numpy", "SimpleITK"))
