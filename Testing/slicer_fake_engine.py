@@ -131,6 +131,22 @@ def segment(args) -> int:
     return 0
 
 
+def segment_batch(args) -> int:
+    cases = sorted(p for p in Path(args.input).iterdir() if p.is_dir())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["case,status"]
+    for i, case in enumerate(cases):
+        progress(args.json_progress, "case", i / max(1, len(cases)), case.name)
+        phases = [f"{p.name.split('.')[0]}={p}" for p in sorted(case.glob("*.nrrd"))]
+        sub = argparse.Namespace(phase=phases, out=str(out / case.name), model=args.model, register=args.register,
+                                 reference=None, device=args.device, json_progress=False)
+        rows.append(f"{case.name},{'done' if segment(sub) == 0 else 'failed'}")
+    (out / "summary.csv").write_text("\n".join(rows) + "\n")
+    progress(args.json_progress, "done", 1.0, f"{len(cases)} case(s)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="maml")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,8 +158,15 @@ def main(argv=None) -> int:
     seg.add_argument("--reference")
     seg.add_argument("--device", default="auto")
     seg.add_argument("--json-progress", action="store_true")
+    batch = sub.add_parser("segment-batch")
+    batch.add_argument("--input", required=True)
+    batch.add_argument("--out", required=True)
+    batch.add_argument("--model")
+    batch.add_argument("--register", default="deformable")
+    batch.add_argument("--device", default="auto")
+    batch.add_argument("--json-progress", action="store_true")
     args = parser.parse_args(argv)
-    return segment(args)
+    return segment(args) if args.command == "segment" else segment_batch(args)
 
 
 if __name__ == "__main__":

@@ -374,3 +374,75 @@ def test_dependency_install_never_replaces_shipped_packages(tmp_path):
     assert monai and all("--no-deps" in c for c in monai)
     assert all(("--no-deps" in c) or (f"-c {tmp_path / 'c.txt'}" in c) for c in calls)
     assert not any(n in c.split() for c in calls for n in ("torch", "numpy", "SimpleITK"))
+
+
+# ---------------------------------------------------------------- saved scene -------------------
+
+def test_results_survive_saving_and_reloading_the_scene_as_mrb(scene, tmp_path):
+    from slicer_fixtures import make_scene
+
+    arterial, venous, matrix = two_phase_case(scene)
+    result = fake_logic().segment({"arterial": arterial, "venous": venous}, registration="rigid")
+    scene.SetRootDirectory(str(tmp_path))
+    assert scene.WriteToMRB(str(tmp_path / "case.mrb"))
+
+    loaded, app, logics = make_scene()
+    remote = slicer.vtkMRMLRemoteIOLogic()
+    dataIO = slicer.vtkDataIOManagerLogic()
+    dataIO.SetMRMLApplicationLogic(app)
+    dataIO.SetAndObserveDataIOManager(remote.GetDataIOManager())
+    remote.SetMRMLScene(loaded)
+    remote.AddDataIOToScene()
+    try:
+        assert loaded.ReadFromMRB(str(tmp_path / "case.mrb"))
+        seg = loaded.GetFirstNodeByName("MAML segmentation")
+        segmentation = seg.GetSegmentation()
+        tumor = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver tumor"))
+        assert "SCT^108369006" in tumor.GetTerminology()
+        np.testing.assert_allclose(tumor.GetColor(), (144 / 255, 238 / 255, 144 / 255), atol=1e-6)
+        venous2 = loaded.GetFirstNodeByName("venous")
+        arterial2 = loaded.GetFirstNodeByName("arterial")
+        labelmap = loaded.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+            seg, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        source = slicer.util.arrayFromVolume(venous2)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap),
+                                      np.where(source >= 200, 2, np.where(source >= 100, 1, 0)))
+        heat = loaded.GetFirstNodeByName("MAML attention arterial")
+        assert heat.GetDisplayNode().GetColorNode().GetName() == "MAML attention (inferno)"
+        assert heat.GetDisplayNode().GetApplyThreshold() and heat.GetDisplayNode().GetWindow() == pytest.approx(1)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(heat),
+                                   slicer.util.arrayFromVolume(result.heatmapNodes["arterial"]), atol=1e-6)
+        transform = arterial2.GetParentTransformNode()
+        assert transform is not None and transform.GetName() == "arterial to venous registration"
+        point = (12.0, -4.0, 47.0)
+        np.testing.assert_allclose(transform.GetTransformFromParent().TransformPoint(point),
+                                   result.transformNodes["arterial"].GetTransformFromParent().TransformPoint(point),
+                                   atol=1e-6)
+        table = loaded.GetFirstNodeByName("MAML tumors")
+        assert table.GetNumberOfRows() == result.tumorTableNode.GetNumberOfRows() == 2
+        assert table.GetCellText(1, 1) == result.tumorTableNode.GetCellText(1, 1)
+    finally:
+        loaded.Clear(True)
+
+
+def test_segment_folder_runs_the_batch_command_and_blocks(tmp_path):
+    for case, seed in (("case_a", 3), ("case_b", 4)):
+        folder = tmp_path / "in" / case
+        folder.mkdir(parents=True)
+        for phase in ("arterial", "venous"):
+            image = sitk.GetImageFromArray(phantom(seed=seed))
+            image.SetSpacing((0.8, 0.8, 2.0))
+            sitk.WriteImage(image, str(folder / f"{phase}.nrrd"))
+    events = []
+    out = fake_logic().segmentFolder(tmp_path / "in", tmp_path / "out", registration="none",
+                                     progressCallback=events.append)
+    assert out == tmp_path / "out"
+    assert (out / "summary.csv").read_text().splitlines() == ["case,status", "case_a,done", "case_b,done"]
+    assert (out / "case_b" / "segmentation.nii.gz").is_file()
+    assert [e.step for e in events] == ["case", "case", "done"]
+    with pytest.raises(MAMLSegmentationError, match="not found"):
+        fake_logic().segmentFolder(tmp_path / "missing", tmp_path / "out2")
+    command = MAMLSegmentationLogic(pythonExecutable="py").buildSegmentBatchCommand("/i", "/o", None, "rigid", "cpu")
+    assert command == ["py", "-m", "maml.cli", "segment-batch", "--input", "/i", "--out", "/o", "--register",
+                       "rigid", "--device", "cpu", "--json-progress"]
