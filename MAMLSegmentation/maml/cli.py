@@ -16,6 +16,7 @@ from .errors import MAMLError
 # Subcommand name -> module under maml.commands with configure(parser) and run(args) -> int.
 COMMANDS = {
     "info": "info",
+    "phantom": "phantom",
 }
 
 
