@@ -446,3 +446,25 @@ def test_segment_folder_runs_the_batch_command_and_blocks(tmp_path):
     command = MAMLSegmentationLogic(pythonExecutable="py").buildSegmentBatchCommand("/i", "/o", None, "rigid", "cpu")
     assert command == ["py", "-m", "maml.cli", "segment-batch", "--input", "/i", "--out", "/o", "--register",
                        "rigid", "--device", "cpu", "--json-progress"]
+
+
+def test_model_info_comes_from_the_real_maml_info_command(tmp_path):
+    """The module shows phases, labels and intended use read by the engine's own `maml info`."""
+    torch = pytest.importorskip("torch")
+    from maml.config import demo_config
+    from maml.model import save_checkpoint
+    from maml.network import MAMLNet
+
+    torch.manual_seed(0)
+    config = demo_config()
+    path = save_checkpoint(tmp_path / "demo.pt", MAMLNet(config), config)
+    info = MAMLSegmentationLogic(pythonExecutable=sys.executable).modelInfo(path)
+    assert info["phases"] == config.phases
+    assert [label["name"] for label in info["labels"]] == [label.name for label in config.labels]
+    assert "clinical" in info["intended_use"].lower()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(MAMLSegmentationError, match="broken.pt"):
+        MAMLSegmentationLogic(pythonExecutable=sys.executable).modelInfo(broken)
+    with pytest.raises(MAMLSegmentationError, match="not found"):
+        MAMLSegmentationLogic().modelInfo(tmp_path / "absent.pt")

@@ -264,7 +264,12 @@ class MAMLSegmentationLogic:
     def modelInfo(self, model=None, timeout: float = 120) -> dict:
         """The model's configuration (``maml info MODEL --json``): phases, labels, intended use."""
         model = self.checkModel(model)
-        command = [*self.engineCommandPrefix(), "info"] + ([str(model)] if model else []) + ["--json"]
+        if model is None:
+            bundled = bundledModels()
+            if not bundled:
+                raise MAMLSegmentationError(f"No model given and no bundled model in {MODELS_DIR}.")
+            model = bundled[0]
+        command = [*self.engineCommandPrefix(), "info", str(model), "--json"]
         try:
             completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                                        env=self.engineEnvironment(), check=False)
@@ -272,7 +277,8 @@ class MAMLSegmentationLogic:
             raise MAMLSegmentationError(f"Cannot read the model information: {error}") from error
         if completed.returncode != 0:
             lines = (completed.stderr or completed.stdout).strip().splitlines()
-            raise MAMLSegmentationError(lines[-1] if lines else "maml info failed")
+            errors = [line for line in lines if line.startswith("maml ") and ": error: " in line]
+            raise MAMLSegmentationError((errors or lines or ["maml info failed"])[-1 if not errors else 0])
         try:
             return json.loads(completed.stdout)
         except ValueError as error:

@@ -131,8 +131,10 @@ class EngineProcess:
         else:
             self.state = "failed"
             if not self.errorMessage:
-                tail = [line for line in self.log if not line.startswith("[")]
-                self.errorMessage = (tail[-1] if tail else "") or f"the engine exited with code {self.returnCode}"
+                tail = [line for line in self.log if not line.startswith(("[", "$ "))]
+                errors = [line for line in tail if line.startswith("maml ") and ": error: " in line]
+                self.errorMessage = (errors[0] if errors else tail[-1] if tail else
+                                     f"the engine exited with code {self.returnCode}")
         if self._onFinished and not self._finishedCalled:
             self._finishedCalled = True
             self._onFinished(self)
