@@ -655,7 +655,7 @@ def _tumor_hu(rng, kind: str, liver: tuple[float, float]) -> dict[int, tuple[tup
     U = rng.uniform
     nec = ((U(8, 30),) * 2, (8.0, 8.0))
     if kind == "hypervascular":
-        body = ((la + U(45, 90), lv - U(15, 35)), (U(8, 15), U(5, 10)))
+        body = ((la + U(45, 90), lv - U(20, 40)), (U(8, 15), U(5, 10)))
         rim = ((la + U(0, 15), lv + U(18, 40)), (4.0, 4.0))
     elif kind == "hypovascular":
         body = ((la - U(15, 30), lv - U(40, 65)), (U(5, 10), U(5, 10)))
@@ -867,7 +867,10 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
     vtis = tissue[vsl]
     for t in tumors:
         codes = (t["code"], t["code"] + 1, t["code"] + 2)
-        tm = (tissue >= codes[0]) & (tissue <= codes[2])
+        # Contrast of the lesion's interior (body and necrosis; a thin capsule or rim is left out).
+        tm = (tissue == codes[0]) | (tissue == codes[2])
+        if not tm.any():
+            tm = (tissue >= codes[0]) & (tissue <= codes[2])
         contrast = {ph: round(float(hu[p][tm].mean()) - liver_mean[p], 1) for p, ph in enumerate(PHASES)}
         t["contrast_hu"] = contrast
         t["visible_phases"] = [ph for ph in PHASES if abs(contrast[ph]) >= VISIBLE_HU]
