@@ -95,7 +95,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.heatmapOpacitySlider.connect("valueChanged(double)", self.showHeatmap)
         self.initializeParameterNode()
         self.updateDeviceChoices()
-        self.updateModelInfo()
+        qt.QTimer.singleShot(0, self.updateModelInfo)  # runs `maml info`: after the panel is shown
 
     def cleanup(self):
         self.removeObservers()

@@ -468,3 +468,16 @@ def test_model_info_comes_from_the_real_maml_info_command(tmp_path):
         MAMLSegmentationLogic(pythonExecutable=sys.executable).modelInfo(broken)
     with pytest.raises(MAMLSegmentationError, match="not found"):
         MAMLSegmentationLogic().modelInfo(tmp_path / "absent.pt")
+
+
+def test_registration_goes_above_an_existing_parent_transform(scene):
+    arterial, venous, _ = two_phase_case(scene)
+    existing = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "user shift")
+    shift = np.eye(4)
+    shift[:3, 3] = (1.0, 0.0, 0.0)
+    existing.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    arterial.SetAndObserveTransformNodeID(existing.GetID())
+    result = fake_logic().segment({"arterial": arterial, "venous": venous}, registration="rigid")
+    registration = result.transformNodes["arterial"]
+    assert arterial.GetTransformNodeID() == existing.GetID()
+    assert existing.GetTransformNodeID() == registration.GetID()

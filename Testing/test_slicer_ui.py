@@ -197,3 +197,21 @@ def test_choices_match_the_engine_options(module_ast):
     for name, (annotation, default) in fields.items():
         if annotation.startswith("Annotated[str, Choice(") and default is not None:
             assert ast.literal_eval(default) in choices(name), name
+
+
+def test_module_uses_only_existing_lib_names(module_ast):
+    import sys
+
+    sys.path.insert(0, str(REPO / "MAMLSegmentation"))
+    import MAMLSegmentationLib
+
+    used = {node.attr for node in ast.walk(module_ast)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "lib"}
+    assert used and not {name for name in used if not hasattr(MAMLSegmentationLib, name)}
+    compile(MODULE_FILE.read_text(), str(MODULE_FILE), "exec")
+    # Logic methods the widget calls exist on the Lib logic it inherits from.
+    called = {node.func.attr for node in ast.walk(module_ast) if isinstance(node, ast.Call)
+              and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Attribute)
+              and node.func.value.attr == "logic"}
+    assert called and all(hasattr(MAMLSegmentationLib.MAMLSegmentationLogic, name) or name == "getParameterNode"
+                          for name in called), called

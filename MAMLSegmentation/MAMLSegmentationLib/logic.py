@@ -54,6 +54,7 @@ PIP_REQUIREMENTS = [
 # What pip must never replace: pinned to the installed versions with a constraints file.
 PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch")
 
+_MODEL_INFO_CACHE: dict = {}  # (resolved path, mtime) -> maml info JSON
 _PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
@@ -269,6 +270,9 @@ class MAMLSegmentationLogic:
             if not bundled:
                 raise MAMLSegmentationError(f"No model given and no bundled model in {MODELS_DIR}.")
             model = bundled[0]
+        key = (str(Path(model).resolve()), Path(model).stat().st_mtime_ns)
+        if key in _MODEL_INFO_CACHE:
+            return dict(_MODEL_INFO_CACHE[key])
         command = [*self.engineCommandPrefix(), "info", str(model), "--json"]
         try:
             completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
@@ -280,9 +284,11 @@ class MAMLSegmentationLogic:
             errors = [line for line in lines if line.startswith("maml ") and ": error: " in line]
             raise MAMLSegmentationError((errors or lines or ["maml info failed"])[-1 if not errors else 0])
         try:
-            return json.loads(completed.stdout)
+            info = json.loads(completed.stdout)
         except ValueError as error:
             raise MAMLSegmentationError(f"maml info printed no JSON: {error}") from error
+        _MODEL_INFO_CACHE[key] = info
+        return dict(info)
 
     # --- input checks ---------------------------------------------------------------------------
     @staticmethod
