@@ -7,7 +7,8 @@ node import are exercised for real. Its "segmentation" is a threshold of the ref
 
 Behaviour switches (environment): FAKE_ENGINE_DELAY (seconds to sleep in "inference"),
 FAKE_ENGINE_CHILD_PID_FILE (start a child process and write its pid there), FAKE_ENGINE_FAIL
-(fail with that message), FAKE_ENGINE_TRANSLATION (x,y,z in LPS mm of the rigid "registration").
+(fail with that message), FAKE_ENGINE_BAD_TRANSFORM (write unreadable transform files),
+FAKE_ENGINE_TRANSLATION (x,y,z in LPS mm of the rigid "registration").
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ def segment(args) -> int:
         "model": {"name": "fake", "sha256": "0" * 64, "labels": LABELS, "phases": sorted(phases)},
     }
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+    if os.environ.get("FAKE_ENGINE_BAD_TRANSFORM"):
+        for path in tmp.glob("transform_*.h5"):
+            path.write_bytes(b"not an HDF5 file")
     overview = sitk.GetImageFromArray(np.zeros((8, 8), np.uint8))
     sitk.WriteImage(overview, str(tmp / "overview.png"))
     if out.exists():

@@ -481,3 +481,36 @@ def test_registration_goes_above_an_existing_parent_transform(scene):
     registration = result.transformNodes["arterial"]
     assert arterial.GetTransformNodeID() == existing.GetID()
     assert existing.GetTransformNodeID() == registration.GetID()
+
+
+def test_model_label_names_and_colours_are_used_for_other_labels(scene):
+    from MAMLSegmentationLib.results import EngineOutput, importEngineOutput
+
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 1:4, 1:5] = 1
+    labels[2, 2, 2] = 3
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((1.5, 1.5, 3.0))
+    stats = {"model": {"labels": [{"value": 0, "name": "background", "color": [0, 0, 0]},
+                                  {"value": 1, "name": "liver", "color": [0.1, 0.2, 0.3]},
+                                  {"value": 3, "name": "vessel", "color": [0, 0, 255]}]}}
+    before = node_count(scene)
+    nodes = importEngineOutput(scene, EngineOutput(Path("."), image, stats=stats), {}, "venous")
+    segmentation = nodes.segmentation.GetSegmentation()
+    vessel = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("vessel"))
+    liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver"))
+    np.testing.assert_allclose(vessel.GetColor(), (0, 0, 1))
+    np.testing.assert_allclose(liver.GetColor(), (221 / 255, 130 / 255, 101 / 255), atol=1e-6)
+    assert node_count(scene) > before and nodes.heatmaps == {} and nodes.transforms == {}
+
+
+def test_results_that_fail_to_import_half_way_are_rolled_back(scene, monkeypatch):
+    arterial, venous, _ = two_phase_case(scene)
+    monkeypatch.setenv("FAKE_ENGINE_BAD_TRANSFORM", "1")
+    before, dirs = node_count(scene), temp_dirs()
+    names_before = sorted(scene.GetNthNode(i).GetName() or "" for i in range(scene.GetNumberOfNodes()))
+    with pytest.raises(MAMLSegmentationError, match="transform"):
+        fake_logic().segment({"arterial": arterial, "venous": venous}, registration="rigid")
+    assert node_count(scene) == before and arterial.GetTransformNodeID() is None
+    assert sorted(scene.GetNthNode(i).GetName() or "" for i in range(scene.GetNumberOfNodes())) == names_before
+    assert temp_dirs() == dirs

@@ -21,7 +21,7 @@ from .conversion import LPS_FROM_RAS, addVolumeNodeFromImage, ijkToRASFromImage,
 from .errors import MAMLSegmentationError
 
 # Standard terminology (DICOM / SNOMED CT codes as in Slicer's terminology lists) and colours
-# (Slicer's GenericAnatomyColors for liver; tumor in its "tumor" green) of the two segments.
+# (Slicer's GenericAnatomyColors: "liver" 221,130,101 and "mass" 144,238,144) of the two segments.
 _CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _ANATOMY = "Anatomic codes - DICOM master list"
 STANDARD_SEGMENTS = {
@@ -114,12 +114,13 @@ def _labelDefinitions(stats: dict) -> list:
         standard = STANDARD_SEGMENTS.get(key) or next(
             (s for k, s in STANDARD_SEGMENTS.items() if s["name"].lower() == key), None
         )
-        color = standard["color"] if standard else tuple(entry.get("color") or (0.5, 0.5, 0.5))[:3]
-        color = tuple(float(c) / 255 if max(color) > 1 else float(c) for c in color)
+        color = tuple(float(c) for c in (entry.get("color") or (0.5, 0.5, 0.5))[:3])
+        if max(color) > 1:  # 0..255 given
+            color = tuple(c / 255 for c in color)
         out.append({
             "value": value,
             "name": standard["name"] if standard else str(entry.get("name") or f"Label {value}"),
-            "color": color if not standard else standard["color"],
+            "color": standard["color"] if standard else color,
             "terminology": standard["terminology"] if standard else None,
         })
     return out
@@ -138,7 +139,6 @@ def heatmapColorNode(scene):
     function.RemoveAllPoints()
     for value, r, g, b in _INFERNO:
         function.AddRGBPoint(value, r, g, b)
-    node.SetNumberOfTableValues(256) if hasattr(node, "SetNumberOfTableValues") else None
     scene.AddNode(node)
     return node, True
 
@@ -188,10 +188,21 @@ def importEngineOutput(scene, output: EngineOutput, phaseNodes: dict, referenceP
             if moving is not None and moving.GetTransformNodeID() == node.GetID():
                 moving.SetAndObserveTransformNodeID(None)
         for node in reversed(imported.addedNodes):
-            if node.GetScene() is scene:
-                scene.RemoveNode(node)
+            removeNodeWithDependents(scene, node)
         raise
     return imported
+
+
+def removeNodeWithDependents(scene, node) -> None:
+    """Remove a node and the display and storage nodes that belong to it."""
+    dependents = []
+    for count, get in (("GetNumberOfDisplayNodes", "GetNthDisplayNode"),
+                       ("GetNumberOfStorageNodes", "GetNthStorageNode")):
+        if hasattr(node, count):
+            dependents += [getattr(node, get)(i) for i in range(getattr(node, count)())]
+    for dependent in [node, *dependents]:
+        if dependent is not None and dependent.GetScene() is scene:
+            scene.RemoveNode(dependent)
 
 
 def _importSegmentation(scene, imported, definitions, labelArray, ijkToRAS, outputSegmentation, baseName):
