@@ -499,7 +499,7 @@ def _draw_anatomy(rng: np.random.Generator, grid: _Grid, body: dict, venous_slic
     f = -np.log(np.exp(-k * f1) + np.exp(-k * f2)) / k
     f += 0.05 * _noise(rng, shp, grid.spacing_zyx, 25.0)
     # No liver posterior and medial to the inferior vena cava (that is retroperitoneum).
-    liver_mask = (f < 1.0) & ~((Xw > ivc_mid[0] - 2) & (Yw > ivc_mid[1] + 4))
+    liver_mask = (f < 1.12) & ~((Xw > ivc_mid[0] - 2) & (Yw > ivc_mid[1] + 4))
     _paint(tissue, sl, liver_mask, LIVER, (VFAT,))
     del wx, wy, wz, Xw, Yw, Zw, u, v, w, f1, f2, f
 
@@ -713,11 +713,13 @@ def _breathing(rng, venous_ref: sitk.Image, domain: tuple, liver_c_world) -> sit
     keep = np.zeros((n[2], n[1], n[0]), bool)
     keep[3:-3, 3:-3, 3:-3] = True
     params = []
-    for amp in (2.5, 2.5, 4.0):  # x, y, z amplitude in mm
+    for amp in (1.5, 1.5, 2.5):  # x, y, z amplitude in mm
         c = rng.normal(0, amp, (n[2], n[1], n[0])) * weight * keep
         params.append(np.clip(c, -2.5 * amp, 2.5 * amp).ravel())
     bs.SetParameters(np.concatenate(params).tolist())
-    return sitk.CompositeTransform([rigid, bs]), rigid, bs
+    breathing = {"translation_mm": [round(float(v), 3) for v in t], "rotation_deg": round(float(np.rad2deg(ang)), 3),
+                 "rotation_axis": [round(float(v), 4) for v in ax]}
+    return sitk.CompositeTransform([rigid, bs]), rigid, bs, breathing
 
 
 def _trilinear(field: np.ndarray, pts: np.ndarray) -> np.ndarray:
@@ -884,7 +886,7 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
     domain = (anat_origin - np.array(spacing) * 0.5 - 20.0, anat_size_mm + 40.0)
     lz_i, ly_i, lx_i = np.nonzero(label[vsl] > 0)
     liver_c = np.array([lx_i.mean() * sxy, ly_i.mean() * sxy, lz_i.mean() * sz]) + venous_origin
-    a2v, rigid, bs = _breathing(rng, venous_label, domain, liver_c)
+    a2v, rigid, bs, breathing = _breathing(rng, venous_label, domain, liver_c)
     v_from_a = _inverse(rigid, bs, domain, step=6.0)
     art_origin = venous_origin + np.array([rng.uniform(-4, 4), rng.uniform(-4, 4), rng.uniform(-10, 10)])
     art_nz = nz + int(rng.integers(-3, 4))
@@ -925,6 +927,7 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
         "liver_volume_ml": round(float((label[vsl] > 0).sum()) * voxel_ml, 1),
         "liver_centre_mm": [round(float(c), 2) for c in liver_c],
         "gallbladder": bool(has_gb),
+        "breathing": breathing,
     }
     return PhantomCase(
         case_id=case_id_for_seed(seed),
