@@ -17,6 +17,8 @@ from .errors import MAMLError
 COMMANDS = {
     "info": "info",
     "phantom": "phantom",
+    "train": "train",
+    "evaluate": "evaluate",
 }
 
 

@@ -1,0 +1,91 @@
+"""maml train: train MAML on an nnU-Net v2 raw data set (single process or under torchrun)."""
+
+HELP = "train a MAML model on an nnU-Net v2 raw data set (resumable; torchrun for several GPUs)"
+
+# Options whose argparse default is None: only values the user typed override the preset (and,
+# on --resume, the saved run).
+_OPTION_ARGS = {
+    "epochs": "epochs", "iterations": "iterations_per_epoch", "batch_size": "batch_size",
+    "optimizer": "optimizer", "lr": "learning_rate", "weight_decay": "weight_decay",
+    "loss": "loss_variant", "lambda_intra": "lambda_intra", "modality_dropout": "modality_dropout",
+    "oversample": "oversample_foreground", "augmentation": "augmentation", "fold": "fold",
+    "val_cases": "val_cases", "val_every": "val_every", "seed": "seed", "device": "device",
+    "workers": "num_workers", "threads": "threads", "register": "register",
+    "normalization": "normalization", "grad_clip": "grad_clip",
+}
+
+
+def configure(parser):
+    parser.add_argument("--dataset", required=True, help="nnU-Net v2 raw data set folder (dataset.json, "
+                        "imagesTr, labelsTr); channel names are the phase names")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, logs, preprocessed cache)")
+    parser.add_argument("--config", default="paper",
+                        help="model configuration: a preset (paper, code, demo) or a JSON file "
+                             "(default: paper, for a GPU; demo trains on a CPU)")
+    parser.add_argument("--fold", help="validation fold 0-4 of the sorted case ids, or 'all' (no "
+                        "validation); default 0")
+    parser.add_argument("--val-cases", type=int, help="validate on the last N sorted cases instead of a fold")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    parser.add_argument("--epochs", type=int, help="number of epochs (preset: paper 600, demo 40)")
+    parser.add_argument("--iterations", type=int, help="iterations per epoch (paper 250)")
+    parser.add_argument("--batch-size", type=int, help="patches per iteration and process (default 2)")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"],
+                        help="adam: the paper (lr 3e-4); sgd: the published code (lr 0.01, momentum "
+                             "0.99, Nesterov); both with polynomial decay (exponent 0.9)")
+    parser.add_argument("--lr", type=float, help="initial learning rate")
+    parser.add_argument("--weight-decay", type=float, help="weight decay (default 3e-5)")
+    parser.add_argument("--grad-clip", type=float, help="gradient norm clipping (default 12)")
+    parser.add_argument("--loss", choices=["paper", "code"],
+                        help="mutual-learning weighting: paper (lambda 0.5) or the published code's")
+    parser.add_argument("--lambda-intra", type=float, help="weight of the per-phase loss terms")
+    parser.add_argument("--modality-dropout", type=float,
+                        help="probability that an iteration trains one random phase alone (helps "
+                             "the missing-phase heads); default 0 (demo 0.2)")
+    parser.add_argument("--oversample", type=float, help="fraction of foreground-centred patches (1/3)")
+    parser.add_argument("--augmentation", choices=["default", "light", "none"],
+                        help="default: rotation, scaling, elastic, gamma, brightness, noise, mirroring")
+    parser.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
+    parser.add_argument("--device", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--seed", type=int, help="random seed (default 12345)")
+    parser.add_argument("--workers", type=int, help="data loader worker processes (default 0)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--register", metavar="PRESET",
+                        help="register phases that are not on the label map's grid: a "
+                             "maml.registration preset (e.g. deformable), or 'transforms' to apply "
+                             "DATASET/transforms/CASE_<phase>_to_<reference phase>.tfm (written by "
+                             "maml phantom); without it such cases are rejected")
+    parser.add_argument("--normalization", choices=["ct", "mr", "none"],
+                        help="normalisation of every phase (default: from the configuration or "
+                             "the channel names)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from ..config import PRESETS, ModelConfig
+    from ..training import default_options, train
+
+    if args.config in PRESETS:
+        config, preset = PRESETS[args.config](), args.config
+    elif Path(args.config).is_file():
+        config, preset = ModelConfig.from_json_file(args.config), None
+    else:
+        from ..errors import InputError
+
+        raise InputError(f"--config {args.config!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    given = {field: getattr(args, arg) for arg, field in _OPTION_ARGS.items()
+             if getattr(args, arg) is not None}
+    if "fold" in given:
+        given["fold"] = str(given["fold"])
+    options = default_options(preset, **given)
+    result = train(args.dataset, args.out, config, options, resume=args.resume,
+                   overrides=list(given), progress=not args.no_progress,
+                   command="maml train " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["train"] else []))
+    if result.best_epoch is not None:
+        best = "" if result.best_metric is None else f" (validation mean Dice {result.best_metric:.4f})"
+        print(f"done: {result.epochs_done} epochs; best epoch {result.best_epoch}{best}; "
+              f"{Path(args.out) / 'checkpoint_best.pt'}")
+    return 0
