@@ -760,8 +760,14 @@ def _inverse(rigid: sitk.Euler3DTransform, bs: sitk.BSplineTransform, domain, st
             break
     inv_img = sitk.GetImageFromArray(u.reshape(d.shape), isVector=True)
     inv_img.CopyInformation(field_img)
-    dft = sitk.DisplacementFieldTransform(inv_img)
-    return sitk.CompositeTransform([dft, rigid.GetInverse()])
+    # One displacement field for the whole arterial -> venous mapping (trilinear interpolation
+    # reproduces the rigid part exactly), sampled over the same domain: resampling with it is much
+    # cheaper than with the composite.
+    composite = sitk.CompositeTransform([sitk.DisplacementFieldTransform(inv_img), rigid.GetInverse()])
+    whole = sitk.TransformToDisplacementField(
+        composite, sitk.sitkVectorFloat64, size, [float(o) for o in origin], [step] * 3, [1, 0, 0, 0, 1, 0, 0, 0, 1]
+    )
+    return sitk.DisplacementFieldTransform(whole)
 
 
 # ---------------------------------------------------------------------------------------- scanning
