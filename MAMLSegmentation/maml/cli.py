@@ -19,6 +19,7 @@ COMMANDS = {
     "phantom": "phantom",
     "train": "train",
     "evaluate": "evaluate",
+    "register": "register",
 }
 
 
