@@ -534,8 +534,9 @@ def _quality(fixed, moving, registered, transform, matrix, fmask, preset, defaul
     fixed_arr = sitk.GetArrayViewFromImage(fixed)[sub]
     after_arr = sitk.GetArrayViewFromImage(registered)[sub]
     identity = sitk.Transform(3, sitk.sitkIdentity)
+    # In moving's pixel type, like the registered image, so that "none" compares equal.
     before_arr = sitk.GetArrayFromImage(
-        sitk.Resample(moving, coarse, identity, sitk.sitkLinear, default, sitk.sitkFloat32))
+        sitk.Resample(moving, coarse, identity, sitk.sitkLinear, default, moving.GetPixelID()))
 
     field_img = sitk.TransformToDisplacementField(
         transform, sitk.sitkVectorFloat64, coarse.GetSize(), coarse.GetOrigin(), coarse.GetSpacing(),
