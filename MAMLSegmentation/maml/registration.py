@@ -69,7 +69,9 @@ _COMMON = {
     "MovingImagePyramid": ["MovingRecursiveImagePyramid"],
     "NumberOfResolutions": ["3"],
     "Interpolator": ["LinearInterpolator"],
-    "ResampleInterpolator": ["FinalLinearInterpolator"],
+    # FinalLinearInterpolator is missing from older elastix programs (Debian's 5.0.1); order 1 is the same.
+    "ResampleInterpolator": ["FinalBSplineInterpolator"],
+    "FinalBSplineInterpolationOrder": ["1"],
     "Resampler": ["DefaultResampler"],
     "Optimizer": ["AdaptiveStochasticGradientDescent"],
     "AutomaticParameterEstimation": ["true"],
