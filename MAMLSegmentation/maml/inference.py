@@ -11,7 +11,7 @@ import itertools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,11 @@ import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
 from .network import MAMLNet
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from .model import LoadedModel
 
 ProgressCallback = Callable[[float], None]
 CancelCheck = Callable[[], bool]
@@ -154,3 +159,54 @@ def sliding_window_predict(
         heatmaps /= weight_sum
         heatmaps = heatmaps[(slice(None), *crop)].cpu().numpy()
     return probabilities, heatmaps
+
+
+@dataclass
+class CasePrediction:
+    """Outputs in the input geometry: labels (UInt8), heatmaps per phase (float32 in [0, 1], only
+    when the fused head ran), class probabilities (K, Z, Y, X) when asked for."""
+
+    labels: "sitk.Image"
+    attention: dict[str, "sitk.Image"]
+    probabilities: np.ndarray | None
+    phases: list[str]
+    head: str  # "fused", "<phase>" or "mean(<phases>)": which output produced the labels
+
+
+def predict_case(
+    model: "LoadedModel",
+    images: Mapping[str, "sitk.Image"],
+    mirror: bool = False,
+    device: str = "auto",
+    batch_size: int = 2,
+    keep_probabilities: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> CasePrediction:
+    """Co-registered phase images (any non-empty subset of the model's phases) -> CasePrediction.
+
+    Probabilities are accumulated on the model's grid; only the final maps are resampled to the
+    input grid, so memory follows the model's resolution.
+    """
+    from .preprocessing import (labels_from_probabilities, map_to_input_geometry,
+                                preprocess_phases, probabilities_to_input_geometry)
+
+    case = preprocess_phases(images, model.config)
+    options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=device,
+                                   batch_size=batch_size)
+    probabilities, heatmaps = sliding_window_predict(model.network, case.data, case.phases,
+                                                     options, progress, cancel)
+    probabilities = probabilities_to_input_geometry(probabilities, case)
+    labels = case.input_geometry.image_from_array(labels_from_probabilities(probabilities))
+    attention = {}
+    if heatmaps is not None:
+        for index, phase in enumerate(case.phases):
+            attention[phase] = map_to_input_geometry(heatmaps[index], case)
+    if len(case.phases) == len(model.config.phases):
+        head = "fused"
+    elif len(case.phases) == 1:
+        head = case.phases[0]
+    else:
+        head = f"mean({', '.join(case.phases)})"
+    return CasePrediction(labels, attention, probabilities if keep_probabilities else None,
+                          case.phases, head)
