@@ -192,7 +192,13 @@ def test_affine_recovers_known_motion(pair, results):
     result = results["affine"]
     assert tre(result.transform, pair["true"], pair["fixed_label"]) < 1.5
     assert 0.95 < np.linalg.det(result.matrix[:3, :3]) < 1.05
-    assert result.quality["warning"] is None, result.quality["warning"]
+    # On these uniform blobs mutual information pulls the affine stage slightly off the rigid optimum
+    # (TRE ~0.7 mm against ~0.15 mm): the report says so.
+    q = result.quality
+    assert q["after_rigid_stage"] > q["after"]
+    assert tre(result.transform, pair["true"], pair["fixed_label"]) > tre(
+        results["rigid"].transform, pair["true"], pair["fixed_label"])
+    assert "affine stage lowered the similarity" in (q["warning"] or ""), q["warning"]
 
 
 def test_deformable_on_synthetic_pair_improves(pair, results):
@@ -205,6 +211,9 @@ def test_deformable_on_synthetic_pair_improves(pair, results):
     assert result.quality["after"] > result.quality["before"]
     assert result.quality["jacobian_min"] > 0
     assert "bspline" in result.quality["stage_seconds"]
+    # ... but it drifts from the rigid optimum here, and the quality report must say so.
+    assert "B-spline stage lowered the similarity" in (result.quality["warning"] or ""), result.quality
+    assert "after_rigid_stage" not in results["rigid"].quality
 
 
 def test_results_geometry_pixel_type_and_inputs_unmodified(pair, results):

@@ -20,9 +20,11 @@ The maps are sized for demo CT (about 160x160x80 voxels at 2x2x3 mm) on two CPU 
 The quality report compares the two images on the fixed grid before (identity) and after
 registration, inside the fixed image's body (or the fixed mask): normalized mutual information
 (NMI = (H(F) + H(M)) / H(F, M), 1 for independent images, 2 for identical ones) and the correlation
-coefficient. It warns when similarity does not improve, when it stays very low (phases of
-different patients, or a failed registration), and when the transform looks implausible (a point
-of the body moved by more than 50 mm, a linear scaling far from 1, a folding B-spline).
+coefficient. It warns when similarity does not improve, when it stays very low or the registered
+image covers little of the body (phases of different patients, or a failed registration), when the
+affine or B-spline stage lowered the similarity the rigid stage had reached (mutual information's
+known drift on images with large uniform regions), and when the transform looks implausible (a
+point of the body moved by more than 50 mm, a linear scaling far from 1, a folding B-spline).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ MIN_NMI_AFTER = 1.15  # NMI below this after registration: unrelated or unaligne
 MIN_COVERAGE = 0.6  # fraction of the fixed body the registered moving image must cover
 SCALE_RANGE = (0.8, 1.25)  # determinant of a linear transform's matrix outside: shrink/blow-up
 IMPROVEMENT_EPS = 1e-3  # "after" must beat "before" by this much
+STAGE_TOLERANCE = 0.01  # NMI the affine/B-spline stage may lose against the rigid stage before a warning
 
 # Shared settings of every stage (elastix parameter-map values are lists of strings).
 _COMMON = {
@@ -329,9 +332,10 @@ def register(
     maps = parameter_maps(preset)
     stage_seconds = {}
     if stages:
-        transform = _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel, stage_seconds)
+        transform, linear_stage = _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel,
+                                               stage_seconds)
     else:
-        transform = sitk.AffineTransform(3)
+        transform, linear_stage = sitk.AffineTransform(3), None
     linear = preset != "deformable"
     matrix = transform_matrix(transform) if linear else None
     if linear:
@@ -344,7 +348,8 @@ def register(
     registered = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, default, moving.GetPixelID())
 
     report(0.95, "measuring the registration quality")
-    quality = _quality(fixed, moving, registered, transform, matrix, fmask, preset, default)
+    quality = _quality(fixed, moving, registered, transform, matrix, fmask, preset, default,
+                       linear_stage if preset in ("affine", "deformable") else None)
     quality["overlap_fraction_of_extents"] = round(overlap, 4)
     quality["stage_seconds"] = stage_seconds
     quality["seconds"] = round(time.perf_counter() - start, 3)
@@ -353,7 +358,10 @@ def register(
 
 
 def _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel, stage_seconds):
-    """Run the stages one by one, each starting from the previous result; return a SimpleITK transform."""
+    """Run the stages one by one, each starting from the previous result.
+
+    Returns the final SimpleITK transform and the one after the first (linear) stage.
+    """
     import itk
 
     report(0.02, "loading elastix")
@@ -366,6 +374,7 @@ def _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel
     bounds = 0.05 + 0.85 * np.concatenate([[0.0], np.cumsum(weights) / weights.sum()])
 
     previous = None  # itk.ParameterObject of the stages so far
+    first_stage = None
     for index, (stage, pmap) in enumerate(zip(stages, maps)):
         check_cancel()
         report(bounds[index], f"registration stage {index + 1}/{len(stages)}: {stage}")
@@ -389,6 +398,8 @@ def _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel
         stage_seconds[stage] = round(time.perf_counter() - t0, 3)
         combined = method.GetCombinationTransform()
         itk_transform = method.ConvertToItkTransform(combined)
+        if index == 0 and len(stages) > 1:
+            first_stage = _itk_transform_to_sitk(itk_transform)
         result_parameters = method.GetTransformParameterObject()
         # Keep the chain of every stage for the next one.
         chain = itk.ParameterObject.New()
@@ -399,7 +410,8 @@ def _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel
             chain.AddParameterMap(result_parameters.GetParameterMap(i))
         previous = chain
     report(bounds[-1], "converting the transform")
-    return _itk_transform_to_sitk(itk_transform)
+    final = _itk_transform_to_sitk(itk_transform)
+    return final, (first_stage if first_stage is not None else final)
 
 
 def _elastix_message(exc: Exception) -> str:
@@ -527,7 +539,7 @@ def _inside(moving: sitk.Image, points: np.ndarray) -> np.ndarray:
     return np.all((index >= -0.5) & (index <= size - 0.5), axis=1)
 
 
-def _quality(fixed, moving, registered, transform, matrix, fmask, preset, default) -> dict:
+def _quality(fixed, moving, registered, transform, matrix, fmask, preset, default, linear_stage=None) -> dict:
     """Similarity before/after and transform plausibility, on a ~4 mm subsample of the fixed grid."""
     step, coarse = _coarse_grid(fixed)
     sub = (slice(None, None, step[2]), slice(None, None, step[1]), slice(None, None, step[0]))
@@ -579,6 +591,17 @@ def _quality(fixed, moving, registered, transform, matrix, fmask, preset, defaul
         if covered < MIN_COVERAGE:
             warnings.append(f"the registered moving image covers only {100 * covered:.0f} % of the fixed "
                             "image's body: phases of different patients or scan ranges?")
+    if linear_stage is not None and math.isfinite(nmi_after):
+        # The affine / B-spline stage must not undo what the rigid stage found (mutual information can
+        # prefer shrinking or shifting large uniform regions when images have little structure).
+        linear_arr = sitk.GetArrayFromImage(
+            sitk.Resample(moving, coarse, linear_stage, sitk.sitkLinear, default, moving.GetPixelID()))
+        nmi_linear, _ = _similarity(fixed_arr, linear_arr, region_after)
+        quality["after_rigid_stage"] = _round(nmi_linear)
+        if math.isfinite(nmi_linear) and nmi_after < nmi_linear - STAGE_TOLERANCE:
+            second = "B-spline" if preset == "deformable" else "affine"
+            warnings.append(f"the {second} stage lowered the similarity reached by the rigid stage (NMI "
+                            f"{nmi_linear:.3f} -> {nmi_after:.3f}): try the rigid preset")
     warnings += _transform_checks(field_img, disp, body, matrix, quality)
     quality["warning"] = "; ".join(warnings) if warnings else None
     return quality
