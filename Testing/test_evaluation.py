@@ -177,3 +177,50 @@ def test_grid_mismatch_names_case(tmp_path):
     _write(pred_dir / "C1.nii.gz", a, spacing=(1.0, 1.0, 1.0))
     with pytest.raises(InputError, match="C1"):
         evaluate_folders(pred_dir, gt_dir, ["1"])
+
+
+def test_evaluate_model_scores_every_head(tmp_path):
+    """A model on a data set: fused and per-phase heads, registered with the data set's transforms."""
+    import torch
+
+    from engine_helpers import tiny_config
+    from maml.data import config_for_dataset, read_dataset
+    from maml.model import save_checkpoint
+    from maml.network import MAMLNet
+    from test_training import write_tiny_dataset
+
+    root = write_tiny_dataset(tmp_path / "d", n_cases=2, misaligned_case=1)
+    (root / "transforms").mkdir()
+    sitk.WriteTransform(sitk.TranslationTransform(3, (0.0, 0.0, 7.5)),
+                        str(root / "transforms" / "TINY_001_arterial_to_venous.tfm"))
+    config = config_for_dataset(tiny_config(), read_dataset(root))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", MAMLNet(config), config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from maml.evaluation import evaluate_model
+
+        with pytest.raises(InputError, match="TINY_001.*arterial"):  # misaligned, no registration
+            evaluate_model(tmp_path / "m.pt", root, register=None)
+        assert cli_main(["evaluate", "--model", str(tmp_path / "m.pt"), "--dataset", str(root),
+                         "--register", "none", "--no-progress"]) == 1
+        assert cli_main(["evaluate", "--model", str(tmp_path / "m.pt"), "--dataset", str(root),
+                         "--register", "transforms", "--out", str(tmp_path / "res"),
+                         "--save-predictions", str(tmp_path / "pred"), "--device", "cpu",
+                         "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "res.json").read_text())
+    assert set(data["heads"]) == {"fused", "arterial", "venous"}
+    assert data["heads"]["venous"]["summary"]["liver"]["dice"]["n"] == 2
+    for head in ("fused", "arterial", "venous"):
+        for case in ("TINY_000", "TINY_001"):
+            assert (tmp_path / "pred" / head / f"{case}.nii.gz").is_file()
+    # the saved predictions score the same through the folder path
+    again = evaluate_folders(tmp_path / "pred" / "venous", root / "labelsTr")
+    first = [r for r in data["heads"]["venous"]["cases"] if r["label"] == "liver"]
+    assert [r["dice"] for r in again.rows if r["label"] == "liver"] == pytest.approx([r["dice"] for r in first])
+    with open(tmp_path / "res.csv") as stream:
+        header = stream.readline().strip().split(",")
+    assert header[:3] == ["head", "case", "label"]

@@ -219,7 +219,7 @@ def demo_config() -> ModelConfig:
         phases=["arterial", "venous"],
         labels=list(LIVER_LABELS),
         spacing=[3.0, 2.5, 2.5],
-        patch_size=[48, 96, 96],
+        patch_size=[32, 64, 64],
         normalization={"arterial": "ct", "venous": "ct"},
         network=NetworkConfig(
             base_features=8,

@@ -409,3 +409,83 @@ def _case_rows(case, pred_image, gt_image, label_map) -> list[dict]:
     metrics = evaluate_images(pred_image, gt_image, label_map, case)
     return [{"case": case, "label": name, "value": label_map[name], **metrics[name]}
             for name in label_map]
+
+
+# --------------------------------------------------------------------------------------------------
+# A model on a data set: every head (fused and each phase alone)
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: str | None = "deformable",
+                   heads: Sequence[str] | None = None, predictions_dir: str | Path | None = None,
+                   device: str = "auto", progress: bool = False) -> dict[str, EvaluationResult]:
+    """Segments every case of an nnU-Net raw data set with a model and scores each head.
+
+    Heads: "fused" (all phases) and each phase alone (the model's own head for that phase, as when a
+    phase is missing), the paper's Tables 1 and 2. Phases not on the label map's grid are aligned
+    first (``register``: a :mod:`maml.registration` preset, "transforms" for the data set's
+    transform files, or None to reject them); predictions are made on that grid and compared with
+    the label map there. ``predictions_dir``: also write HEAD/CASE.nii.gz label maps.
+    """
+    import SimpleITK as sitk
+
+    from .data import load_case_images, read_dataset
+    from .inference import predict_case
+    from .model import load_model
+
+    model = load_model(model_path)
+    dataset = read_dataset(dataset_dir)
+    if len(dataset.channel_names) != len(model.config.phases):
+        raise InputError(f"data set {dataset.root} has {len(dataset.channel_names)} channels; model "
+                         f"{model.config.name!r} takes phases {model.config.phases}")
+    heads = list(heads) if heads else ["fused", *model.config.phases]
+    for head in heads:
+        if head != "fused" and head not in model.config.phases:
+            raise InputError(f"head {head!r} is neither 'fused' nor one of the model's phases "
+                             f"{model.config.phases}")
+    labels = {label.name: label.value for label in model.config.labels if label.value != 0}
+    rows: dict[str, list[dict]] = {head: [] for head in heads}
+    iterator = dataset.cases
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(dataset.cases, desc="evaluate model", unit="case")
+    for case in iterator:
+        # load_case_images maps channel k to phase k of the configuration it is given
+        images, label = load_case_images(dataset, model.config, case, register)
+        for head in heads:
+            inputs = images if head == "fused" else {head: images[head]}
+            prediction = predict_case(model, inputs, device=device)
+            if predictions_dir is not None:
+                path = Path(predictions_dir) / head / f"{case}{dataset.file_ending}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sitk.WriteImage(prediction.labels, str(path), True)
+            metrics = evaluate_images(prediction.labels, label, labels, case)
+            rows[head].extend({"case": case, "label": name, "value": labels[name], **metrics[name]}
+                              for name in labels)
+    results = {}
+    for head in heads:
+        result = EvaluationResult(dict(labels), rows[head])
+        result.summary = summarize(rows[head], list(labels))
+        results[head] = result
+    return results
+
+
+def write_model_results(results: Mapping[str, EvaluationResult], out: str | Path,
+                        info: Mapping | None = None) -> tuple[Path, Path]:
+    """OUT.json ({"heads": {head: result}}) and OUT.csv (a head column first)."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix.lower() in (".json", ".csv") else out
+    json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
+    payload = {"definitions": DEFINITIONS, **(dict(info) if info else {}),
+               "heads": {head: {k: v for k, v in result.to_dict().items() if k != "definitions"}
+                         for head, result in results.items()}}
+    write_text_atomic(json_path, json.dumps(payload, indent=2))
+    lines = []
+    for index, (head, result) in enumerate(results.items()):
+        text = result.csv_text().splitlines()
+        if index == 0:
+            lines.append("head," + text[0])
+        lines += [f"{head},{line}" for line in text[1:]]
+    write_text_atomic(csv_path, "\n".join(lines) + "\n")
+    return json_path, csv_path

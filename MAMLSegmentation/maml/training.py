@@ -128,8 +128,9 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
     "paper": {"epochs": 600, "iterations_per_epoch": 250, "batch_size": 2},
     "code": {"epochs": 1000, "iterations_per_epoch": 250, "batch_size": 2, "optimizer": "sgd",
              "loss_variant": "code"},
-    "demo": {"epochs": 40, "iterations_per_epoch": 50, "batch_size": 2, "augmentation": "default",
-             "val_every": 2, "modality_dropout": 0.2},
+    "demo": {"epochs": 48, "iterations_per_epoch": 25, "batch_size": 2, "learning_rate": 1e-3,
+             "oversample_foreground": 0.5, "val_every": 6, "val_overlap": 0.25, "threads": 1,
+             "num_workers": 1},
 }
 
 
@@ -588,7 +589,7 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
     last_epoch = options.epochs if stop_after_epochs is None else min(
         options.epochs, start_epoch + stop_after_epochs)
     speed = None
-    if show and start_epoch:
+    if dist.is_main and start_epoch:
         print(f"resuming after epoch {start_epoch} of {options.epochs}", file=sys.stderr)
 
     for epoch in range(start_epoch, last_epoch):
@@ -715,7 +716,7 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
             })
             write_logs(out_dir, rows)
             plot_curves(out_dir, rows, config.phases, labels)
-            if show:
+            if dist.is_main:
                 summary = f"epoch {epoch + 1}/{options.epochs}: loss {means['total']:.4f}, " \
                           f"{speed:.2f} it/s, {seconds:.0f} s"
                 if validation is not None:

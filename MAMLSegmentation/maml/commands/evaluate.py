@@ -1,11 +1,24 @@
-"""maml evaluate: Dice, ASSD and HD95 of predicted label maps against the ground truth."""
+"""maml evaluate: Dice, ASSD and HD95 of predicted label maps against the ground truth, or of a
+model's heads on an nnU-Net raw data set."""
 
-HELP = "score predicted label maps against ground truth (Dice, ASSD in mm and voxels, HD95)"
+HELP = ("score predicted label maps against ground truth (Dice, ASSD in mm and voxels, HD95), or "
+        "a model's fused and per-phase heads on a data set (--model, --dataset)")
 
 
 def configure(parser):
-    parser.add_argument("--pred", required=True, help="folder of predicted label maps")
-    parser.add_argument("--gt", required=True, help="folder of ground-truth label maps (matched by file name)")
+    parser.add_argument("--pred", help="folder of predicted label maps")
+    parser.add_argument("--gt", help="folder of ground-truth label maps (matched by file name)")
+    parser.add_argument("--model", help="instead of --pred/--gt: a checkpoint to run on --dataset")
+    parser.add_argument("--dataset", help="nnU-Net v2 raw data set (with --model): every case is "
+                        "segmented with the fused head and with each phase's own head")
+    parser.add_argument("--register", default="deformable",
+                        help="with --model: align phases that are not on the label grid: none, rigid, "
+                             "affine, deformable (elastix; default) or transforms (the data set's "
+                             "transform files, e.g. a phantom's true motion)")
+    parser.add_argument("--heads", nargs="+", help="with --model: heads to score (default: fused and "
+                        "every phase)")
+    parser.add_argument("--save-predictions", metavar="DIR", help="with --model: write HEAD/CASE label maps")
+    parser.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
     parser.add_argument("--out", help="result file: writes OUT.json and OUT.csv (per case and label, "
                         "then mean and std)")
     parser.add_argument("--labels", nargs="+", metavar="[NAME=]VALUE",
@@ -15,8 +28,25 @@ def configure(parser):
 
 
 def run(args) -> int:
-    from ..evaluation import evaluate_folders, write_results
+    from ..errors import InputError
+    from ..evaluation import evaluate_folders, evaluate_model, write_model_results, write_results
 
+    if args.model or args.dataset:
+        if not (args.model and args.dataset) or args.pred or args.gt:
+            raise InputError("give --model and --dataset together (or --pred and --gt)")
+        register = None if args.register == "none" else args.register
+        results = evaluate_model(args.model, args.dataset, register, args.heads, args.save_predictions,
+                                 args.device, progress=not args.no_progress)
+        for head, result in results.items():
+            print(f"head: {head}")
+            print(result.table())
+        if args.out:
+            info = {"model": str(args.model), "dataset": str(args.dataset), "register": args.register}
+            json_path, csv_path = write_model_results(results, args.out, info)
+            print(f"wrote {json_path} and {csv_path}")
+        return 0
+    if not (args.pred and args.gt):
+        raise InputError("give --pred and --gt (or --model and --dataset)")
     result = evaluate_folders(args.pred, args.gt, args.labels, progress=not args.no_progress)
     print(result.table())
     if args.out:
