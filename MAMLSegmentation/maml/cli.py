@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from . import __version__
-from .errors import MAMLError
+from .errors import CancelledError, MAMLError
 
 # Subcommand name -> module under maml.commands with configure(parser) and run(args) -> int.
 COMMANDS = {
@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "train",
     "evaluate": "evaluate",
     "register": "register",
+    "segment": "segment",
 }
 
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
+    except CancelledError as error:
+        print(f"maml {args.command}: cancelled: {error}", file=sys.stderr)
+        return 130
     except MAMLError as error:
         print(f"maml {args.command}: error: {error}", file=sys.stderr)
         return 1

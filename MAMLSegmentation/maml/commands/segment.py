@@ -1,0 +1,84 @@
+"""maml segment: register the phases, run MAML, write labels, attention maps, statistics, overview."""
+
+HELP = ("segment liver and liver tumors from arterial/venous CT phases (any phase may be missing); "
+        "research use only, not for clinical use")
+
+
+def phase_argument(text: str) -> tuple[str, str]:
+    import argparse
+
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (e.g. venous=venous.nii.gz), got {text!r}")
+    return name.strip(), path
+
+
+def add_run_options(parser) -> None:
+    """Options shared by segment and segment-batch."""
+    parser.add_argument("--model", help="checkpoint file (default: the bundled demo model)")
+    parser.add_argument("--register", default="deformable", choices=("none", "rigid", "affine", "deformable"),
+                        help="how to align the phases onto the reference phase (default: deformable)")
+    parser.add_argument("--reference", help="phase whose geometry the results take (default: venous)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
+    parser.add_argument("--allow-poor-registration", action="store_true",
+                        help="segment even when the phases stay dissimilar after registration")
+    parser.add_argument("--no-overview", action="store_true", help="skip overview.png")
+    parser.add_argument("--json-progress", action="store_true",
+                        help="print progress as JSON lines on stdout (for other programs)")
+
+
+def configure(parser) -> None:
+    parser.add_argument("--phase", action="append", type=phase_argument, default=[], metavar="NAME=PATH",
+                        help="a phase image: NIfTI, NRRD or MHA file, or a DICOM series folder; repeat per phase")
+    parser.add_argument("--out", required=True, help="output folder")
+    add_run_options(parser)
+
+
+def options_from(args):
+    from ..pipeline import SegmentOptions
+
+    return SegmentOptions(registration=args.register, reference=args.reference, device=args.device,
+                          tta=args.tta, allow_poor_registration=args.allow_poor_registration)
+
+
+def summary_lines(stats: dict) -> list[str]:
+    lines = [f"tumors found: {stats.get('tumor_count', 0)}"]
+    for tumor in stats.get("tumors", [])[:5]:
+        lines.append(f"  tumor {tumor['id']}: {tumor['volume_ml']:.1f} mL, "
+                     f"largest diameter {tumor['diameter_mm']:.1f} mm")
+    if stats.get("liver_volume_ml") is not None:
+        lines.append(f"liver volume: {stats['liver_volume_ml']:.0f} mL")
+    if stats.get("tumor_burden") is not None:
+        lines.append(f"tumor burden: {100 * stats['tumor_burden']:.2f} %")
+    for phase, quality in stats.get("registration", {}).get("phases", {}).items():
+        if quality.get("warning"):
+            lines.append(f"registration warning ({phase}): {quality['warning']}")
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in stats.get("timings", {}).items())
+    lines.append(f"time: {timings}")
+    return lines
+
+
+def run(args) -> int:
+    from ..errors import InputError
+    from ..pipeline import segment, write_result
+    from ..runcontrol import ProgressPrinter, reported_run
+
+    printer = ProgressPrinter(args.json_progress, "segment")
+    with reported_run(printer):
+        names = [name for name, _ in args.phase]
+        if not names:
+            raise InputError("no phases given: use --phase arterial=PATH --phase venous=PATH")
+        if len(set(names)) != len(names):
+            raise InputError(f"a phase is given twice: {names}")
+        paths = dict(args.phase)
+        if len(set(paths.values())) != len(paths):
+            raise InputError(f"the same file is given for several phases: {paths}")
+        result = segment(paths, args.model, options_from(args), progress=printer)
+        write_result(result, args.out, overview=not args.no_overview, progress=printer)
+        printer.finish({"step": "done", "fraction": 1.0, "message": f"results in {args.out}",
+                        "out": str(args.out), "tumor_count": result.stats.get("tumor_count")})
+    if not args.json_progress:
+        print("\n".join(summary_lines(result.stats)))
+        print(f"results in {args.out} (overview: {args.out}/overview.png)")
+    return 0

@@ -1,0 +1,218 @@
+"""The main job: phase images in, tumor segmentation, attention maps and statistics out.
+
+read -> register onto the reference phase -> preprocess -> MAML inference -> labels, attention maps
+and statistics in the reference phase's geometry -> files. The shell (`maml segment`), the Slicer
+console and the Slicer GUI all run this one function (Slicer through the command line).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import SimpleITK as sitk
+
+from .errors import InputError, ModelError, RegistrationError
+from .model import LoadedModel, load_model
+
+# step name -> (start, end) of the overall fraction, roughly the time each step takes on a CPU
+STEPS = {
+    "load": (0.0, 0.05),
+    "register": (0.05, 0.35),
+    "inference": (0.35, 0.9),
+    "statistics": (0.9, 0.95),
+    "write": (0.95, 1.0),
+}
+DEFAULT_MODEL_NAME = "maml_liver_demo.pt"
+
+ProgressCallback = Callable[[str, float, str], None]  # (step, overall fraction, message)
+
+
+def default_model_path() -> Path:
+    """The demo model bundled with the extension (``$MAML_MODEL`` overrides it)."""
+    if os.environ.get("MAML_MODEL"):
+        return Path(os.environ["MAML_MODEL"])
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / DEFAULT_MODEL_NAME
+
+
+@dataclass
+class SegmentOptions:
+    registration: str = "deformable"  # none | rigid | affine | deformable
+    reference: str | None = None  # default: "venous" when given, else the first given phase
+    device: str = "auto"
+    tta: bool = False  # mirroring test-time augmentation (8 flips: slower, slightly better)
+    batch_size: int = 2
+    # Phases that stay dissimilar after registration are most likely of different patients (or
+    # scans): refused unless the user says otherwise.
+    allow_poor_registration: bool = False
+
+
+@dataclass
+class SegmentationResult:
+    """Everything in the reference phase's geometry."""
+
+    labels: sitk.Image
+    attention: dict[str, sitk.Image]
+    phases_on_reference: dict[str, sitk.Image]  # every given phase on the reference grid
+    transforms: dict[str, sitk.Transform]  # moving phase -> transform (reference point -> phase point)
+    reference: str
+    stats: dict[str, Any]
+    label_names: dict[int, str] = field(default_factory=dict)
+
+
+class _Reporter:
+    def __init__(self, progress: ProgressCallback | None):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def __call__(self, step: str, fraction: float = 0.0, message: str = "") -> None:
+        self._started.setdefault(step, time.perf_counter())
+        start, end = STEPS[step]
+        if self.progress is not None:
+            self.progress(step, start + (end - start) * min(max(fraction, 0.0), 1.0), message or step)
+
+    def done(self, step: str) -> None:
+        self.timings[step] = round(time.perf_counter() - self._started.pop(step, time.perf_counter()), 3)
+
+
+def resolve_model(model: LoadedModel | str | Path | None, device: str = "cpu") -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    path = Path(model) if model is not None else default_model_path()
+    if model is None and not path.is_file():
+        raise ModelError(f"no model given and the bundled demo model {path} is missing: pass --model")
+    return load_model(path, device)
+
+
+def choose_reference(given: list[str], model_phases: list[str], reference: str | None) -> str:
+    if reference is not None:
+        if reference not in given:
+            raise InputError(f"reference phase {reference!r} is not among the given phases {given}")
+        return reference
+    if "venous" in given:
+        return "venous"
+    return [p for p in model_phases if p in given][0]
+
+
+def check_registration(quality: dict, phase: str, reference: str, allow_poor: bool) -> None:
+    from .registration import MIN_NMI_AFTER
+
+    after = quality.get("after")
+    if not allow_poor and after is not None and after < MIN_NMI_AFTER:
+        raise RegistrationError(
+            f"the {phase} phase stays dissimilar to the {reference} phase after registration "
+            f"(normalised mutual information {after:.3f} < {MIN_NMI_AFTER}): are they of the same "
+            f"patient and scan? (--allow-poor-registration segments anyway)")
+
+
+def segment(
+    images: Mapping[str, sitk.Image | str | Path],
+    model: LoadedModel | str | Path | None = None,
+    options: SegmentOptions | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> SegmentationResult:
+    """Segment one case. ``images`` maps phase names to images or paths; any phase may be missing."""
+    from .inference import predict_case, resolve_device
+    from .io import read_image
+    from .registration import register
+    from .stats import compute_statistics
+
+    options = options or SegmentOptions()
+    report = _Reporter(progress)
+    report("load", 0.0, "loading the model and images")
+    device = resolve_device(options.device)
+    loaded = resolve_model(model, device)
+    config = loaded.config
+    if not images:
+        raise InputError(f"no phase images given; model {config.name!r} takes {config.phases}")
+    unknown = [p for p in images if p not in config.phases]
+    if unknown:
+        raise InputError(f"phase(s) {unknown} are not phases of model {config.name!r}: {config.phases}")
+    phases = {name: (image if isinstance(image, sitk.Image) else read_image(image, f"phase {name!r}"))
+              for name, image in images.items()}
+    reference = choose_reference(list(phases), config.phases, options.reference)
+    report.done("load")
+
+    on_reference = {reference: phases[reference]}
+    transforms, quality = {}, {}
+    moving = [p for p in phases if p != reference]
+    report("register", 0.0, f"registering onto the {reference} phase")
+    for index, phase in enumerate(moving):
+        def stage(fraction: float, message: str, index=index, phase=phase) -> None:
+            report("register", (index + fraction) / len(moving), f"{phase}: {message}")
+
+        result = register(phases[reference], phases[phase], options.registration,
+                          progress=stage, cancel=cancel)
+        check_registration(result.quality, phase, reference, options.allow_poor_registration)
+        on_reference[phase] = result.registered
+        transforms[phase] = result.transform
+        quality[phase] = result.quality
+    report.done("register")
+
+    report("inference", 0.0, "MAML inference")
+    prediction = predict_case(
+        loaded, on_reference, mirror=options.tta, device=str(device), batch_size=options.batch_size,
+        progress=lambda f: report("inference", f, "MAML inference"), cancel=cancel)
+    report.done("inference")
+
+    report("statistics", 0.0, "tumor statistics")
+    label_names = {label.value: label.name for label in config.labels}
+    values = {label.name: label.value for label in config.labels}
+    stats = compute_statistics(prediction.labels, liver_label=values.get("liver", 1),
+                               tumor_label=values.get("tumor", 2), label_names=label_names)
+    report.done("statistics")
+    stats.update({
+        "reference_phase": reference,
+        "phases": list(phases),
+        "head": prediction.head,
+        "registration": {"preset": options.registration, "phases": quality},
+        "device": str(device) if device.type == "cpu" else f"{device} ({_gpu_name()})",
+        "model": {
+            "name": config.name, "path": str(loaded.path) if loaded.path else None,
+            "sha256": loaded.sha256, "phases": config.phases,
+            "labels": [{"value": l.value, "name": l.name, "color": list(l.color)} for l in config.labels],
+            "intended_use": config.intended_use,
+        },
+        "host": platform.node(),
+        "timings": dict(report.timings),
+    })
+    return SegmentationResult(prediction.labels, prediction.attention, on_reference, transforms,
+                              reference, stats, label_names)
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+
+
+def write_result(result: SegmentationResult, out_dir: str | Path, overview: bool = True,
+                 progress: ProgressCallback | None = None) -> Path:
+    """Writes every output at once: a half-finished or failed write leaves nothing behind."""
+    from .io import atomic_output_dir, write_image, write_json
+    from .overview import write_overview
+    from .registration import write_transform
+
+    report = _Reporter(progress)
+    report("write", 0.0, f"writing results to {out_dir}")
+    with atomic_output_dir(out_dir) as folder:
+        write_image(result.labels, folder / "segmentation.nii.gz")
+        for phase, heatmap in result.attention.items():
+            write_image(heatmap, folder / f"attention_{phase}.nii.gz")
+        for phase, transform in result.transforms.items():
+            write_image(result.phases_on_reference[phase], folder / f"{phase}_registered.nii.gz")
+            write_transform(transform, folder / f"transform_{phase}.h5")
+        if overview:
+            report("write", 0.5, "drawing the overview picture")
+            write_overview(folder / "overview.png", result.phases_on_reference, result.labels,
+                           result.attention or None, result.stats, label_names=result.label_names)
+        report.done("write")
+        result.stats["timings"].update(report.timings)
+        write_json(result.stats, folder / "stats.json")
+    return Path(out_dir)
