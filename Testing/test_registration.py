@@ -249,6 +249,17 @@ def test_matrix_matches_transform(results):
         np.testing.assert_allclose(via_matrix, mapped, atol=1e-6)
 
 
+def test_masks_on_other_grids(pair):
+    """Body masks given on coarser grids are resampled onto their images and restrict the metric."""
+    fixed, moving = pair["fixed"], pair["moving"]
+    fixed_mask = sitk.Shrink(sitk.Cast(fixed > -500, sitk.sitkUInt8), [2, 2, 2])
+    moving_mask = sitk.Shrink(sitk.Cast(moving > -500, sitk.sitkUInt8), [2, 2, 1])
+    result = reg.register(fixed, moving, "rigid", fixed_mask=fixed_mask, moving_mask=moving_mask)
+    assert tre(result.transform, pair["true"], pair["fixed_label"]) < 0.5
+    assert result.quality["region"] == "fixed mask"
+    assert result.quality["warning"] is None, result.quality["warning"]
+
+
 @pytest.mark.parametrize("preset,suffix", [("rigid", ".h5"), ("affine", ".tfm"), ("deformable", ".h5")])
 def test_written_transform_reads_back(results, tmp_path, preset, suffix):
     path = reg.write_transform(results[preset], tmp_path / f"t{suffix}")
@@ -325,6 +336,12 @@ def test_bad_inputs_name_the_image(pair):
         reg.register(fixed, moving, "elastic")
     with pytest.raises(InputError, match="fixed mask.*empty"):
         reg.register(fixed, moving, "rigid", fixed_mask=sitk.Image(fixed.GetSize(), sitk.sitkUInt8))
+    corner = np.zeros(sitk.GetArrayViewFromImage(moving).shape, np.uint8)
+    corner[:2, :2, :2] = 1
+    corner_mask = sitk.GetImageFromArray(corner)
+    corner_mask.CopyInformation(moving)
+    with pytest.raises(RegistrationError, match="elastix failed.*moving.*samples"):
+        reg.register(fixed, moving, "rigid", moving_mask=corner_mask)
     far = sitk.Image(moving)
     far.SetOrigin(tuple(np.array(moving.GetOrigin()) + (0.0, 0.0, 2000.0)))
     with pytest.raises(RegistrationError, match="fixed and moving images do not overlap"):

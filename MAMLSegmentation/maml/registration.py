@@ -91,6 +91,9 @@ _COMMON = {
     "WriteIterationInfo": ["false"],
     "ResultImageFormat": ["nii"],
     "RandomSeed": ["121212"],
+    # Eroding the masks per pyramid level leaves (almost) no valid moving samples with itk-elastix
+    # 0.25 ("Too many samples map outside moving image buffer"); masks are used as given.
+    "ErodeMask": ["false"],
 }
 
 _STAGES = {
@@ -390,11 +393,15 @@ def _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel
         if mmask_itk is not None:
             method.SetMovingMask(mmask_itk)
         method.SetLogToConsole(False)
-        try:
-            method.UpdateLargestPossibleRegion()
-        except RuntimeError as exc:
-            raise RegistrationError(f"elastix failed registering the moving image onto the fixed image "
-                                    f"({stage} stage): {_elastix_message(exc)}") from None
+        with tempfile.TemporaryDirectory(prefix="maml_elastix_") as log_dir:
+            # elastix explains failures only in its log: keep one to quote from.
+            method.SetOutputDirectory(log_dir)
+            method.SetLogToFile(True)
+            try:
+                method.UpdateLargestPossibleRegion()
+            except RuntimeError as exc:
+                raise RegistrationError(f"elastix failed registering the moving image onto the fixed image "
+                                        f"({stage} stage): {_elastix_message(exc, log_dir)}") from None
         stage_seconds[stage] = round(time.perf_counter() - t0, 3)
         combined = method.GetCombinationTransform()
         itk_transform = method.ConvertToItkTransform(combined)
@@ -414,8 +421,13 @@ def _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel
     return final, (first_stage if first_stage is not None else final)
 
 
-def _elastix_message(exc: Exception) -> str:
+def _elastix_message(exc: Exception, log_dir: str | None = None) -> str:
     text = str(exc)
+    for log in sorted(Path(log_dir).glob("*.log")) if log_dir else ():
+        found = [line.split("Description:", 1)[1].strip()
+                 for line in log.read_text(errors="replace").splitlines() if "Description:" in line]
+        if found:
+            return found[-1].replace("ITK ERROR: ", "")
     for line in text.splitlines():
         if "Description:" in line:
             return line.split("Description:", 1)[1].strip()
