@@ -7,6 +7,9 @@ import pytest
 # The engine tests import helpers that live beside them.
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The test volumes are tiny: one thread is as fast as two and does not collapse when another
+# process keeps the second core busy (OpenMP threads then wait on each other). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "register": "register",
     "segment": "segment",
+    "segment-batch": "segment_batch",
 }
 
 

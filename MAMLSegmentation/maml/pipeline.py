@@ -103,6 +103,8 @@ def check_registration(quality: dict, phase: str, reference: str, allow_poor: bo
     from .registration import MIN_NMI_AFTER
 
     after = quality.get("after")
+    if quality.get("preset") == "none":
+        return  # the user says the phases are aligned already; the quality report still warns
     if not allow_poor and after is not None and after < MIN_NMI_AFTER:
         raise RegistrationError(
             f"the {phase} phase stays dissimilar to the {reference} phase after registration "
