@@ -42,17 +42,15 @@ class MAMLSegmentation(ScriptedLoadableModule):
 
 
 def registerSampleData():
-    """The bundled two-phase phantom (offline) under the "MAML" category of the Sample Data module."""
+    """The bundled phantom (offline) under the "MAML" category of the Sample Data module.
+
+    "MAMLPhantom" loads the arterial and venous phases (then Segment: two clicks);
+    "MAMLPhantomTruth" adds the ground truth segmentation and the true motion transform.
+    """
     import SampleData
 
-    files = [lib.sampleDataFiles(phase) for phase in lib.PHASES]
-    if not all(files):
-        return
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="MAML", sampleName="MAMLPhantom",
-        thumbnailFileName=str(pathlib.Path(__file__).parent / "Resources/Icons/MAMLSegmentation.png"),
-        uris=[f.as_uri() for f in files], fileNames=[f.name for f in files],
-        nodeNames=[f"phantom_{phase}" for phase in lib.PHASES])
+    for source in lib.sampleDataSources():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
 
 @parameterNodeWrapper
@@ -296,7 +294,7 @@ class MAMLSegmentationTest(ScriptedLoadableModuleTest):
 
         registerSampleData()
         self.assertTrue(all(lib.sampleDataFiles(p) for p in lib.PHASES), "sample phantom is not bundled")
-        arterial, venous = SampleData.downloadSample("MAMLPhantom")
+        arterial, venous = SampleData.downloadSamples("MAMLPhantom")
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
         with self.assertRaises(lib.MAMLSegmentationError):
             MAMLSegmentationLogic().segment({"arterial": venous, "venous": venous})

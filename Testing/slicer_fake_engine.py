@@ -1,9 +1,10 @@
 """A stand-in for ``python -m maml.cli`` speaking the same command line and ``--json-progress`` protocol.
 
-Used by the test_slicer_* tests until the engine's ``maml segment`` lands (issue 4); it is a real
-process writing real, valid output files, so the Slicer side's process handling, file reading and
-node import are exercised for real. Its "segmentation" is a threshold of the reference phase
-(liver: >= 100, tumor: >= 200) so tests can predict the labels exactly.
+Used by test_slicer_logic.py where exact expectations matter: its "segmentation" is a threshold of
+the reference phase (liver: >= 100, tumor: >= 200) and its "registration" a known rigid motion, so
+the node import can be checked voxel for voxel on oblique grids; it can also run slowly with a
+child process (deterministic cancel test) or write unreadable transforms (roll-back test). It is a
+real process writing real, valid files. The real engine is run in test_slicer_engine.py.
 
 Behaviour switches (environment): FAKE_ENGINE_DELAY (seconds to sleep in "inference"),
 FAKE_ENGINE_CHILD_PID_FILE (start a child process and write its pid there), FAKE_ENGINE_FAIL
@@ -135,22 +136,6 @@ def segment(args) -> int:
     return 0
 
 
-def segment_batch(args) -> int:
-    cases = sorted(p for p in Path(args.input).iterdir() if p.is_dir())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = ["case,status"]
-    for i, case in enumerate(cases):
-        progress(args.json_progress, "case", i / max(1, len(cases)), case.name)
-        phases = [f"{p.name.split('.')[0]}={p}" for p in sorted(case.glob("*.nrrd"))]
-        sub = argparse.Namespace(phase=phases, out=str(out / case.name), model=args.model, register=args.register,
-                                 reference=None, device=args.device, json_progress=False)
-        rows.append(f"{case.name},{'done' if segment(sub) == 0 else 'failed'}")
-    (out / "summary.csv").write_text("\n".join(rows) + "\n")
-    progress(args.json_progress, "done", 1.0, f"{len(cases)} case(s)")
-    return 0
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="maml")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,15 +147,8 @@ def main(argv=None) -> int:
     seg.add_argument("--reference")
     seg.add_argument("--device", default="auto")
     seg.add_argument("--json-progress", action="store_true")
-    batch = sub.add_parser("segment-batch")
-    batch.add_argument("--input", required=True)
-    batch.add_argument("--out", required=True)
-    batch.add_argument("--model")
-    batch.add_argument("--register", default="deformable")
-    batch.add_argument("--device", default="auto")
-    batch.add_argument("--json-progress", action="store_true")
     args = parser.parse_args(argv)
-    return segment(args) if args.command == "segment" else segment_batch(args)
+    return segment(args)
 
 
 if __name__ == "__main__":

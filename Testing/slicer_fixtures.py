@@ -43,30 +43,10 @@ def _silence_vtk() -> None:
 
 def make_scene():
     """Scene + application logic + the module logics MAMLSegmentationLib relies on."""
+    from MAMLSegmentationLib.rendering import makeHeadlessScene
+
     _silence_vtk()
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    colors = app.GetColorLogic() if hasattr(app, "GetColorLogic") and app.GetColorLogic() else None
-    if colors is None:
-        colors = slicer.vtkSlicerColorLogic()
-        colors.SetMRMLScene(scene)
-    colors.AddDefaultColorNodes()
-    app.SetModuleLogic("Colors", colors)
-    logics = {"colors": colors}
-    for name, cls in (
-        ("Volumes", slicer.vtkSlicerVolumesLogic),
-        ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
-        ("Transforms", slicer.vtkSlicerTransformLogic),
-        ("Tables", slicer.vtkSlicerTablesLogic),
-    ):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(app)
-        logic.SetMRMLScene(scene)
-        app.SetModuleLogic(name, logic)
-        logics[name.lower()] = logic
-    slicer.mrmlScene = scene
-    return scene, app, logics
+    return makeHeadlessScene()
 
 
 @pytest.fixture

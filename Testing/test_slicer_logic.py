@@ -1,8 +1,11 @@
 """MAMLSegmentationLib against slicer-core: a real MRML scene and Slicer's module logics.
 
-The engine is run as a real background process. Until ``maml segment`` lands, the process is
-``slicer_fake_engine.py``, which speaks the same command line and JSON-lines protocol and writes
-valid output files (labels = thresholds of the reference phase, so they can be predicted).
+The engine runs as a real background process. Here it is mostly ``slicer_fake_engine.py``, a
+stand-in speaking the engine's command line and JSON-lines protocol whose labels are thresholds
+of the reference phase: the node import (names, colours, geometry on oblique grids, transforms,
+tables, saved scenes, roll-back) can then be checked voxel for voxel, and a slow run with a child
+process exercises cancel deterministically. The real engine (``maml segment``) is run through the
+same logic in ``test_slicer_engine.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ from MAMLSegmentationLib.conversion import ijkToRASArray
 
 FAKE_ENGINE = Path(__file__).with_name("slicer_fake_engine.py")
 F = np.diag([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture(autouse=True)
+def standin_model(tmp_path_factory, monkeypatch):
+    """The stand-in engine reads no model; the logic still wants an existing file to pass on."""
+    path = tmp_path_factory.getbasetemp() / "standin-model.pt"
+    if not path.exists():
+        path.write_bytes(b"read by nobody: the stand-in engine has no network")
+    monkeypatch.setenv("MAML_MODEL", str(path))
+    return path
 
 
 def temp_dirs() -> set:
@@ -213,16 +226,8 @@ def test_segment_two_phases_imports_all_results(scene):
     assert tumors.GetNumberOfRows() == 2
     assert tumors.GetColumnUnitLabel("Volume") == "mL"
     centroid = stats["tumors"][0]["centroid_lps"]
-    assert float(tumors.GetCellText(0, 3)) == pytest.approx(-centroid[0])
-    assert float(tumors.GetCellText(0, 5)) == pytest.approx(centroid[2])
-
-
-def test_missing_phase_runs_the_present_phase_only(scene):
-    _, venous, matrix = two_phase_case(scene)
-    result = fake_logic().segment({"arterial": None, "venous": venous})
-    assert result.heatmapNodes == {} and result.transformNodes == {}
-    assert result.segmentationNode.GetSegmentation().GetNumberOfSegments() == 2
-    assert result.referencePhase == "venous"
+    assert float(tumors.GetCellText(0, 4)) == pytest.approx(-centroid[0])
+    assert float(tumors.GetCellText(0, 6)) == pytest.approx(centroid[2])
 
 
 def test_existing_output_segmentation_is_reused(scene):
@@ -257,27 +262,20 @@ def bad_input_cases(scene, tmp_path):
         "missing model": (dict(phaseNodes={"venous": venous}, model=str(tmp_path / "nope.pt")), "nope.pt"),
         "bad preset": (dict(phaseNodes={"venous": venous}, registration="elastic"), "elastic"),
         "bad reference": (dict(phaseNodes={"venous": venous}, referencePhase="arterial"), "reference phase"),
+        "no model at all": (dict(phaseNodes={"venous": venous}), "No model given and the default model"),
     }
 
 
 @pytest.mark.parametrize("case", ["same node twice", "no phases", "2D volume", "missing model", "bad preset",
-                                  "bad reference"])
-def test_bad_inputs_give_clear_errors_and_leave_scene_unchanged(scene, tmp_path, case):
+                                  "bad reference", "no model at all"])
+def test_bad_inputs_give_clear_errors_and_leave_scene_unchanged(scene, tmp_path, case, monkeypatch):
+    if case == "no model at all":
+        monkeypatch.setenv("MAML_MODEL", str(tmp_path / "not-there.pt"))
     kwargs, message = bad_input_cases(scene, tmp_path)[case]
     before, dirs = node_count(scene), temp_dirs()
     with pytest.raises(MAMLSegmentationError, match=message.replace(".", r"\.").replace("(", r"\(")):
         fake_logic().segment(**kwargs)
     assert node_count(scene) == before
-    assert temp_dirs() == dirs
-
-
-def test_engine_error_is_reported_and_scene_unchanged(scene, monkeypatch):
-    arterial, venous, _ = two_phase_case(scene)
-    monkeypatch.setenv("FAKE_ENGINE_FAIL", "phases look like different patients")
-    before, dirs = node_count(scene), temp_dirs()
-    with pytest.raises(MAMLSegmentationError, match="different patients"):
-        fake_logic().segment({"arterial": arterial, "venous": venous})
-    assert node_count(scene) == before and arterial.GetTransformNodeID() is None
     assert temp_dirs() == dirs
 
 
@@ -341,7 +339,27 @@ def test_progress_events_and_capped_log(scene):
     assert [e.step for e in events] == ["done"] and len(process.log) == 10
     failing = EngineProcess([sys.executable, "-c", "import sys; print('maml segment: error: bad file x.nrrd',"
                              " file=sys.stderr); sys.exit(1)"])
-    assert failing.wait() == "failed" and "bad file x.nrrd" in failing.errorMessage
+    assert failing.wait() == "failed" and failing.errorMessage == "bad file x.nrrd"
+
+
+@pytest.mark.parametrize("script, state, message", [
+    # the engine's contract: exit 0 + "done" last; 1 + "error" line + one stderr line; 130 cancelled
+    ("print(json.dumps({'step': 'error', 'message': 'x.nrrd is 2D'})); "
+     "print('maml segment: error: x.nrrd is 2D', file=sys.stderr); sys.exit(1)", "failed", "x.nrrd is 2D"),
+    ("print(json.dumps({'step': 'error', 'cancelled': True, 'message': 'stopped by SIGTERM'})); sys.exit(130)",
+     "cancelled", ""),
+    ("sys.exit(130)", "cancelled", ""),
+    ("print(json.dumps({'step': 'write', 'fraction': 0.95, 'message': 'w'}))", "failed", "without reporting"),
+    ("print('Traceback (most recent call last):'); print('MemoryError'); sys.exit(1)", "failed", "MemoryError"),
+    ("print(json.dumps({'step': 'done', 'fraction': 1, 'message': '1 failed', 'out': 'o'})); sys.exit(1)",
+     "done", ""),  # segment-batch: some cases failed, listed in its summary
+])
+def test_engine_exit_codes_and_last_lines_decide_the_outcome(script, state, message):
+    from MAMLSegmentationLib import EngineProcess
+
+    process = EngineProcess([sys.executable, "-c", "import json, sys\n" + script])
+    assert process.wait() == state
+    assert message in process.errorMessage
 
 
 # ---------------------------------------------------------------- command line / deps -----------
@@ -426,28 +444,6 @@ def test_results_survive_saving_and_reloading_the_scene_as_mrb(scene, tmp_path):
         loaded.Clear(True)
 
 
-def test_segment_folder_runs_the_batch_command_and_blocks(tmp_path):
-    for case, seed in (("case_a", 3), ("case_b", 4)):
-        folder = tmp_path / "in" / case
-        folder.mkdir(parents=True)
-        for phase in ("arterial", "venous"):
-            image = sitk.GetImageFromArray(phantom(seed=seed))
-            image.SetSpacing((0.8, 0.8, 2.0))
-            sitk.WriteImage(image, str(folder / f"{phase}.nrrd"))
-    events = []
-    out = fake_logic().segmentFolder(tmp_path / "in", tmp_path / "out", registration="none",
-                                     progressCallback=events.append)
-    assert out == tmp_path / "out"
-    assert (out / "summary.csv").read_text().splitlines() == ["case,status", "case_a,done", "case_b,done"]
-    assert (out / "case_b" / "segmentation.nii.gz").is_file()
-    assert [e.step for e in events] == ["case", "case", "done"]
-    with pytest.raises(MAMLSegmentationError, match="not found"):
-        fake_logic().segmentFolder(tmp_path / "missing", tmp_path / "out2")
-    command = MAMLSegmentationLogic(pythonExecutable="py").buildSegmentBatchCommand("/i", "/o", None, "rigid", "cpu")
-    assert command == ["py", "-m", "maml.cli", "segment-batch", "--input", "/i", "--out", "/o", "--register",
-                       "rigid", "--device", "cpu", "--json-progress"]
-
-
 def test_model_info_comes_from_the_real_maml_info_command(tmp_path):
     """The module shows phases, labels and intended use read by the engine's own `maml info`."""
     torch = pytest.importorskip("torch")
@@ -514,3 +510,54 @@ def test_results_that_fail_to_import_half_way_are_rolled_back(scene, monkeypatch
     assert node_count(scene) == before and arterial.GetTransformNodeID() is None
     assert sorted(scene.GetNthNode(i).GetName() or "" for i in range(scene.GetNumberOfNodes())) == names_before
     assert temp_dirs() == dirs
+
+
+# ---------------------------------------------------------------- sample data -------------------
+
+def test_sample_data_registers_the_bundled_phantom_offline_and_every_file_loads(scene):
+    import hashlib
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from MAMLSegmentationLib import sampleDataSources
+    from MAMLSegmentationLib.rendering import loadVolumeNode
+
+    sources = {source["sampleName"]: source for source in sampleDataSources()}
+    assert set(sources) == {"MAMLPhantom", "MAMLPhantomTruth"}
+    phases, truth = sources["MAMLPhantom"], sources["MAMLPhantomTruth"]
+    assert {s["category"] for s in sources.values()} == {"MAML"}
+    assert phases["nodeNames"] == ["phantom_arterial", "phantom_venous"]
+    assert phases["loadFileType"] == ["VolumeFile", "VolumeFile"]
+    assert truth["loadFileType"] == ["SegmentationFile", "TransformFile"]
+    files = {}
+    for source in sources.values():
+        keys = ("uris", "fileNames", "nodeNames", "checksums", "loadFileType")
+        assert len({len(source[k]) for k in keys}) == 1, "SampleDataSource needs equal-length lists"
+        assert Path(source["thumbnailFileName"]).is_file()
+        for uri, name, checksum in zip(source["uris"], source["fileNames"], source["checksums"]):
+            assert uri.startswith("file://"), "bundled, offline"
+            path = Path(url2pathname(urlparse(uri).path))
+            assert path.is_file() and path.name == name
+            assert checksum == "SHA256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            files[name] = path
+    assert set(files) == {"phantom_arterial.nrrd", "phantom_venous.nrrd", "phantom_truth.nrrd",
+                          "phantom_arterial_to_venous.tfm"}
+
+    # What Slicer's readers make of them (the same storage nodes, headless).
+    venous = loadVolumeNode(scene, files["phantom_venous.nrrd"], "phantom_venous")
+    arterial = loadVolumeNode(scene, files["phantom_arterial.nrrd"], "phantom_arterial")
+    assert slicer.util.arrayFromVolume(venous).ndim == 3 and slicer.util.arrayFromVolume(arterial).ndim == 3
+    labelmap = loadVolumeNode(scene, files["phantom_truth.nrrd"], "phantom_truth", labelmap=True)
+    assert set(np.unique(slicer.util.arrayFromVolume(labelmap))) == {0, 1, 2}
+    np.testing.assert_allclose(ijkToRASArray(labelmap), ijkToRASArray(venous), atol=1e-4)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom_truth")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
+    motion = scene.AddNewNodeByClass("vtkMRMLTransformNode", "phantom_true_motion")
+    storage = slicer.vtkMRMLTransformStorageNode()
+    storage.SetFileName(str(files["phantom_arterial_to_venous.tfm"]))
+    assert storage.ReadData(motion)
+    itk = sitk.ReadTransform(str(files["phantom_arterial_to_venous.tfm"]))
+    center = (ijkToRASArray(venous) @ np.array([80, 80, 40, 1.0]))[:3]
+    np.testing.assert_allclose(motion.GetTransformFromParent().TransformPoint(center),
+                               F @ np.array(itk.TransformPoint(tuple(F @ center))), atol=1e-2)

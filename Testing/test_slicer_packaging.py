@@ -6,6 +6,7 @@ absent from the installed extension; these tests name it.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import struct
@@ -40,6 +41,14 @@ def cmake_list(text: str, variable: str) -> list:
     return [item.replace("${MODULE_NAME}", NAME) for item in " ".join(items).split()]
 
 
+def cmake_globs(text: str, variable: str) -> list:
+    """Patterns of ``file(GLOB <variable> RELATIVE ${CMAKE_CURRENT_SOURCE_DIR} ...)`` appended to a list."""
+    match = re.search(rf"file\(\s*GLOB\s+{variable}\s+RELATIVE\s+\S+\s+(.*?)\)", text, re.S)
+    if not match:
+        return []
+    return [item.replace("${CMAKE_CURRENT_SOURCE_DIR}/", "") for item in match.group(1).split()]
+
+
 def cmake_set(text: str, variable: str) -> str:
     match = re.search(rf'set\(\s*{variable}\s+"([^"]*)"', text)
     assert match, f"{variable} not set"
@@ -65,10 +74,15 @@ def test_every_module_file_is_listed_in_the_module_cmakelists():
     text = (MODULE / "CMakeLists.txt").read_text()
     scripts, resources = cmake_list(text, "MODULE_PYTHON_SCRIPTS"), cmake_list(text, "MODULE_PYTHON_RESOURCES")
     assert len(scripts) == len(set(scripts)) and len(resources) == len(set(resources)), "listed twice"
+    globbed = []
+    if "${MODULE_MODEL_FILES}" in text:
+        globbed = cmake_globs(text, "MODULE_MODEL_FILES")
+        assert globbed and all(g.startswith("Resources/Models/") for g in globbed), globbed
     present = {p.relative_to(MODULE).as_posix() for p in repo_files(MODULE)} - {"CMakeLists.txt"}
     present = {p for p in present if not p.startswith("Testing/")}
     missing_scripts = sorted(p for p in present if p.endswith(".py") and p not in scripts)
-    missing_resources = sorted(p for p in present if not p.endswith(".py") and p not in resources)
+    missing_resources = sorted(p for p in present if not p.endswith(".py") and p not in resources
+                               and not any(fnmatch.fnmatchcase(p, g) for g in globbed))
     assert not missing_scripts, "add to MODULE_PYTHON_SCRIPTS in MAMLSegmentation/CMakeLists.txt:\n  " + \
         "\n  ".join(missing_scripts)
     assert not missing_resources, "add to MODULE_PYTHON_RESOURCES in MAMLSegmentation/CMakeLists.txt:\n  " + \

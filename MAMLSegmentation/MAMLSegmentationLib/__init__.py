@@ -8,7 +8,7 @@ from .conversion import (checkVolume3D, ijkToRASFromImage, imageFromVolumeNode, 
 from .errors import CancelledError, MAMLSegmentationError
 from .logic import (DEVICES, PHASES, REGISTRATION_PRESETS, MAMLSegmentationLogic, SegmentationResult,
                     SegmentationRun, bundledModels, missingPipRequirements, pipConstraints, pipInstallArguments,
-                    sampleDataFiles)
+                    sampleDataFiles, sampleDataSources)
 from .process import EngineProcess, ProgressEvent, parseProgressLine
 from .results import STANDARD_SEGMENTS, importEngineOutput, readEngineOutput
 
@@ -17,5 +17,5 @@ __all__ = [
     "ProgressEvent", "REGISTRATION_PRESETS", "STANDARD_SEGMENTS", "SegmentationResult", "SegmentationRun",
     "addVolumeNodeFromImage", "bundledModels", "checkVolume3D", "ijkToRASFromImage", "imageFromVolumeNode",
     "importEngineOutput", "missingPipRequirements", "parseProgressLine", "pipConstraints", "pipInstallArguments",
-    "readEngineOutput", "sampleDataFiles", "updateVolumeNodeFromImage",
+    "readEngineOutput", "sampleDataFiles", "sampleDataSources", "updateVolumeNodeFromImage",
 ]

@@ -42,6 +42,7 @@ PHASES = ("arterial", "venous")
 DEFAULT_REFERENCE_PHASE = "venous"
 REGISTRATION_PRESETS = ("none", "rigid", "affine", "deformable")
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_MODEL_NAME = "maml_liver_demo.pt"  # maml.pipeline.DEFAULT_MODEL_NAME
 
 # pip requirements of the engine beyond what Slicer ships (numpy, SimpleITK) and PyTorch (from the
 # PyTorch extension). "no_deps": installed with --no-deps because its dependencies would replace torch.
@@ -93,7 +94,20 @@ def pipInstallArguments(entries: list, constraintsFile) -> list:
 
 
 def bundledModels() -> list:
-    return sorted(MODELS_DIR.glob("*.pt")) if MODELS_DIR.is_dir() else []
+    """Checkpoints under Resources/Models, the engine's default (maml_liver_demo.pt) first."""
+    models = sorted(MODELS_DIR.glob("*.pt")) if MODELS_DIR.is_dir() else []
+    return sorted(models, key=lambda path: path.name != DEFAULT_MODEL_NAME)
+
+
+def defaultModelPath() -> Path:
+    """The model the engine uses when none is given: ``$MAML_MODEL``, else the bundled demo model.
+
+    The same rule as ``maml.pipeline.default_model_path`` (not imported: the engine's imports need
+    PyTorch, which may not be installed yet when the module panel opens).
+    """
+    if os.environ.get("MAML_MODEL"):
+        return Path(os.environ["MAML_MODEL"])
+    return MODELS_DIR / DEFAULT_MODEL_NAME
 
 
 def sampleDataFiles(phase: str) -> Path | None:
@@ -103,6 +117,48 @@ def sampleDataFiles(phase: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+SAMPLE_DATA_CATEGORY = "MAML"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sampleDataSources() -> list:
+    """Keyword arguments of ``SampleData.SampleDataLogic.registerCustomSampleDataSource``, one per sample.
+
+    "MAMLPhantom": the two phases as volumes (what Segment needs: two clicks). "MAMLPhantomTruth"
+    (optional): the ground truth as a segmentation and the true arterial-to-venous motion as a
+    transform. Files are bundled (file:// URIs, offline); the SHA-256 checksums make Slicer's
+    download cache take a new copy when a bundled file changes.
+    """
+    phases = {phase: sampleDataFiles(phase) for phase in PHASES}
+    if not all(phases.values()):
+        return []
+    icon = RESOURCES_DIR / "Icons" / "MAMLSegmentation.png"
+
+    def files(paths):
+        return dict(uris=[p.as_uri() for p in paths], fileNames=[p.name for p in paths],
+                    checksums=[f"SHA256:{_sha256(p)}" for p in paths])
+
+    sources = [dict(category=SAMPLE_DATA_CATEGORY, sampleName="MAMLPhantom", thumbnailFileName=str(icon),
+                    nodeNames=[f"phantom_{phase}" for phase in PHASES], loadFileType=["VolumeFile"] * len(PHASES),
+                    **files([phases[phase] for phase in PHASES]))]
+    truth = SAMPLE_DATA_DIR / "phantom_truth.nrrd"
+    motion = SAMPLE_DATA_DIR / "phantom_arterial_to_venous.tfm"
+    if truth.is_file() and motion.is_file():
+        sources.append(dict(category=SAMPLE_DATA_CATEGORY, sampleName="MAMLPhantomTruth",
+                            thumbnailFileName=str(icon), nodeNames=["phantom_truth", "phantom_true_motion"],
+                            loadFileType=["SegmentationFile", "TransformFile"], **files([truth, motion])))
+    return sources
 
 
 def defaultPythonExecutable() -> str:
@@ -219,15 +275,18 @@ class MAMLSegmentationLogic:
     ``pythonExecutable``: interpreter that runs the engine (PythonSlicer inside Slicer).
     ``engineCommand``: the command prefix to which ``segment ...`` is appended; default
     ``[pythonExecutable, "-m", "maml.cli"]`` with the module folder on PYTHONPATH.
-    ``popen``: how processes are started (tests pass their own to run a real stand-in script).
+    ``defaultModel``: checkpoint used when a call names none (else ``$MAML_MODEL``, else the bundled
+    demo model, as the engine does).
+    ``popen``: how processes are started.
     """
 
     def __init__(self, pythonExecutable: str | None = None, engineCommand: list | None = None,
-                 popen=subprocess.Popen, scene=None):
+                 popen=subprocess.Popen, scene=None, defaultModel=None):
         self.pythonExecutable = pythonExecutable or defaultPythonExecutable()
         self.engineCommand = list(engineCommand) if engineCommand else None
         self.popen = popen
         self.scene = scene
+        self.defaultModel = defaultModel
 
     # --- the engine's command line -------------------------------------------------------------
     def engineCommandPrefix(self) -> list:
@@ -264,12 +323,7 @@ class MAMLSegmentationLogic:
 
     def modelInfo(self, model=None, timeout: float = 120) -> dict:
         """The model's configuration (``maml info MODEL --json``): phases, labels, intended use."""
-        model = self.checkModel(model)
-        if model is None:
-            bundled = bundledModels()
-            if not bundled:
-                raise MAMLSegmentationError(f"No model given and no bundled model in {MODELS_DIR}.")
-            model = bundled[0]
+        model = self.resolveModel(model)
         key = (str(Path(model).resolve()), Path(model).stat().st_mtime_ns)
         if key in _MODEL_INFO_CACHE:
             return dict(_MODEL_INFO_CACHE[key])
@@ -293,12 +347,25 @@ class MAMLSegmentationLogic:
     # --- input checks ---------------------------------------------------------------------------
     @staticmethod
     def checkModel(model):
+        """A given model file (None when none is given: then the engine's default is used)."""
         if model in (None, ""):
             return None
         path = Path(model)
         if not path.is_file():
             raise MAMLSegmentationError(f"Model file not found: {path}")
         return path
+
+    def resolveModel(self, model=None) -> Path:
+        """The model file a run will use: the given one, else ``defaultModel``, else the engine's default."""
+        given = self.checkModel(model if model not in (None, "") else self.defaultModel)
+        if given is not None:
+            return given
+        default = defaultModelPath()
+        if not default.is_file():
+            raise MAMLSegmentationError(
+                f"No model given and the default model {default} is missing: choose a model file "
+                "(the bundled demo model ships with the extension; $MAML_MODEL may name another).")
+        return default
 
     def checkInputs(self, phaseNodes: dict, registration: str, device: str, referencePhase, outputSegmentation):
         if not isinstance(phaseNodes, dict):
@@ -344,7 +411,7 @@ class MAMLSegmentationLogic:
         """Check inputs, write them to a temporary folder and start the engine; returns at once."""
         phases, referencePhase = self.checkInputs(phaseNodes, registration, device, referencePhase,
                                                   outputSegmentation)
-        model = self.checkModel(model)
+        model = self.resolveModel(model)
         scene = next(iter(phases.values())).GetScene()
         tempDir = Path(tempfile.mkdtemp(prefix="MAMLSegmentation-"))
         try:
@@ -377,15 +444,22 @@ class MAMLSegmentationLogic:
 
     def segmentFolder(self, inputDir, outputDir, model=None, registration="deformable", device="auto",
                       waitForCompletion=True, progressCallback=None):
-        """``maml segment-batch`` over a folder of cases (nnU-Net layout or a CSV); files only."""
+        """``maml segment-batch`` over many cases; files in, files out (no nodes).
+
+        ``inputDir``: an nnU-Net raw folder (imagesTs/CASE_0000.nii.gz = arterial, CASE_0001 = venous)
+        or a CSV file with columns case,arterial,venous. Each case is written to ``outputDir/CASE/``
+        as ``maml segment`` writes it, with ``summary.csv`` beside; finished cases are skipped when
+        run again. Blocking by default: returns ``outputDir``; cases that failed are printed (and
+        listed in summary.csv), a failure of the whole batch raises MAMLSegmentationError.
+        """
         inputDir = Path(inputDir)
         if not inputDir.exists():
-            raise MAMLSegmentationError(f"Input folder not found: {inputDir}")
+            raise MAMLSegmentationError(f"Batch input not found: {inputDir}")
         if registration not in REGISTRATION_PRESETS:
             raise MAMLSegmentationError(f"Unknown registration preset '{registration}'.")
         if device not in DEVICES:
             raise MAMLSegmentationError(f"Unknown device '{device}'.")
-        model = self.checkModel(model)
+        model = self.resolveModel(model)
         Path(outputDir).mkdir(parents=True, exist_ok=True)
         command = self.buildSegmentBatchCommand(inputDir, outputDir, model, registration, device)
         process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
@@ -393,7 +467,20 @@ class MAMLSegmentationLogic:
         if not waitForCompletion:
             return run
         run.wait(progressCallback=progressCallback or _printProgress)
+        for row in failedBatchCases(outputDir):
+            print(f"MAMLSegmentation: case {row.get('case')} failed: {row.get('message')}")
         return Path(outputDir)
+
+
+def failedBatchCases(outputDir) -> list:
+    """Rows of ``outputDir/summary.csv`` (written by segment-batch) whose status is not ok."""
+    import csv
+
+    path = Path(outputDir) / "summary.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as stream:
+        return [row for row in csv.DictReader(stream) if row.get("status") not in ("ok", "done")]
 
 
 def _printProgress(event: ProgressEvent) -> None:

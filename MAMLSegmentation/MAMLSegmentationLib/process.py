@@ -19,22 +19,35 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import CancelledError, MAMLSegmentationError
 
 LOG_LINES = 2000
+# Seconds the engine gets to stop cleanly after SIGTERM (it unwinds through its atomic writers and
+# exits with EXIT_CANCELLED) before the whole process group is killed.
+CANCEL_GRACE_SECONDS = 5.0
+# The engine's exit codes (maml.cli): 0 done, 1 error (one line "maml <command>: error: ..." on
+# stderr), 130 cancelled (SIGTERM or Ctrl-C).
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 130
 
 
 @dataclass
 class ProgressEvent:
+    """One ``--json-progress`` line: step (load, register, inference, statistics, write, done, error)."""
+
     step: str
     fraction: float | None
     message: str
+    data: dict = field(default_factory=dict)   # the whole record (``out``, ``tumor_count``, ``cancelled``)
 
     @property
     def isFinal(self) -> bool:
         return self.step in ("done", "error")
+
+    @property
+    def cancelled(self) -> bool:
+        return self.step == "error" and bool(self.data.get("cancelled"))
 
 
 def parseProgressLine(line: str) -> ProgressEvent | None:
@@ -53,7 +66,7 @@ def parseProgressLine(line: str) -> ProgressEvent | None:
         fraction = None if fraction is None else min(1.0, max(0.0, float(fraction)))
     except (TypeError, ValueError):
         fraction = None
-    return ProgressEvent(str(data["step"]), fraction, str(data.get("message", "")))
+    return ProgressEvent(str(data["step"]), fraction, str(data.get("message", "")), data)
 
 
 class EngineProcess:
@@ -124,17 +137,23 @@ class EngineProcess:
 
     def _finish(self) -> None:
         self.returnCode = self._process.wait()
-        if self._cancelRequested:
-            self.state = "cancelled"
-        elif self.returnCode == 0 and (self.lastEvent is None or self.lastEvent.step != "error"):
+        last = self.lastEvent
+        if self._cancelRequested or self.returnCode == EXIT_CANCELLED or (last is not None and last.cancelled):
+            self.state = "cancelled"  # by us, or the engine was stopped from outside (SIGTERM, Ctrl-C)
+        elif last is not None and last.step == "done" and self.returnCode in (EXIT_OK, EXIT_ERROR):
+            # segment-batch ends with "done" and exit code 1 when some cases failed (see its summary)
             self.state = "done"
         else:
             self.state = "failed"
-            if not self.errorMessage:
-                tail = [line for line in self.log if not line.startswith(("[", "$ "))]
-                errors = [line for line in tail if line.startswith("maml ") and ": error: " in line]
-                self.errorMessage = (errors[0] if errors else tail[-1] if tail else
-                                     f"the engine exited with code {self.returnCode}")
+            tail = [line for line in self.log if not line.startswith(("[", "$ "))]
+            errors = [line for line in tail if line.startswith("maml ") and ": error: " in line]
+            if errors:  # the engine's own one-line error ("maml segment: error: ...")
+                self.errorMessage = errors[-1].split(": error: ", 1)[1]
+            elif not self.errorMessage:
+                if self.returnCode == EXIT_OK:
+                    self.errorMessage = "the engine ended without reporting its result"
+                else:
+                    self.errorMessage = (tail[-1] if tail else f"the engine exited with code {self.returnCode}")
         if self._onFinished and not self._finishedCalled:
             self._finishedCalled = True
             self._onFinished(self)
@@ -143,7 +162,7 @@ class EngineProcess:
     def isRunning(self) -> bool:
         return self.state == "running"
 
-    def cancel(self, graceSeconds: float = 3.0) -> None:
+    def cancel(self, graceSeconds: float = CANCEL_GRACE_SECONDS) -> None:
         """Stop the process and everything it started (SIGTERM to the group, then SIGKILL)."""
         if self.state != "running":
             return

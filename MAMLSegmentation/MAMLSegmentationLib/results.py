@@ -301,17 +301,26 @@ def _importTables(scene, imported, stats, baseName):
     summary = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{baseName} statistics")
     imported.addedNodes.append(summary)
     burden = stats.get("tumor_burden")
+    tumorVolume = stats.get("tumor_volume_ml")
+    if tumorVolume is None:
+        tumorVolume = sum(t.get("volume_ml", 0.0) for t in stats.get("tumors", []))
     rows = [
         ("Tumor count", float(stats.get("tumor_count", len(stats.get("tumors", [])))), ""),
         ("Liver volume", float(stats.get("liver_volume_ml", float("nan"))), "mL"),
-        ("Total tumor volume", float(sum(t.get("volume_ml", 0.0) for t in stats.get("tumors", []))), "mL"),
+    ]
+    if stats.get("liver_parenchyma_volume_ml") is not None:
+        rows.append(("Liver parenchyma volume", float(stats["liver_parenchyma_volume_ml"]), "mL"))
+    rows += [
+        ("Total tumor volume", float(tumorVolume), "mL"),
         ("Tumor burden", float(burden) * 100 if burden is not None else float("nan"), "%"),
     ]
     _setTable(summary, [("Measurement", vtk.vtkStringArray, ""), ("Value", vtk.vtkDoubleArray, ""),
                         ("Unit", vtk.vtkStringArray, "")], rows)
     model = stats.get("model") or {}
     for key, value in (("model", model.get("name")), ("model_sha256", model.get("sha256")),
-                       ("device", stats.get("device"))):
+                       ("device", stats.get("device")), ("head", stats.get("head")),
+                       ("reference_phase", stats.get("reference_phase")),
+                       ("registration", (stats.get("registration") or {}).get("preset"))):
         if value is not None:
             summary.SetAttribute(f"MAMLSegmentation.{key}", str(value))
     imported.statisticsTable = summary
@@ -322,9 +331,11 @@ def _importTables(scene, imported, stats, baseName):
     for tumor in stats.get("tumors", []):
         r, a, s = _lpsToRas(tumor.get("centroid_lps", (float("nan"),) * 3))
         tumorRows.append((int(tumor.get("id", len(tumorRows) + 1)), float(tumor.get("volume_ml", float("nan"))),
-                          float(tumor.get("diameter_mm", float("nan"))), r, a, s))
+                          float(tumor.get("diameter_mm", float("nan"))),
+                          float(tumor.get("axial_diameter_mm", float("nan"))), r, a, s))
     _setTable(tumors, [("Tumor", vtk.vtkIntArray, ""), ("Volume", vtk.vtkDoubleArray, "mL"),
-                       ("Largest diameter", vtk.vtkDoubleArray, "mm"), ("Centroid R", vtk.vtkDoubleArray, "mm"),
+                       ("Largest diameter", vtk.vtkDoubleArray, "mm"),
+                       ("Largest axial diameter", vtk.vtkDoubleArray, "mm"), ("Centroid R", vtk.vtkDoubleArray, "mm"),
                        ("Centroid A", vtk.vtkDoubleArray, "mm"), ("Centroid S", vtk.vtkDoubleArray, "mm")],
               tumorRows)
     imported.tumorTable = tumors

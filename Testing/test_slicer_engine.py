@@ -1,0 +1,234 @@
+"""The Slicer side running the REAL engine (``python -m maml.cli segment``) on slicer-core nodes.
+
+A tiny untrained checkpoint (one sliding window per case, so inference takes a second) and the
+engine's tiny phantom keep each run to seconds; what is checked is the contract between the module
+and the engine: the same labels as ``maml segment`` on the same files, a missing phase, the
+engine's own error line for bad input, and cancel during a run leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import vtk
+
+from slicer_fixtures import MODULE_DIR, node_count, scene  # noqa: F401  (scene: pytest fixture)
+
+import slicer
+from MAMLSegmentationLib import CancelledError, MAMLSegmentationError, MAMLSegmentationLogic
+from MAMLSegmentationLib.conversion import ijkToRASArray
+from MAMLSegmentationLib.rendering import loadVolumeNode
+
+torch = pytest.importorskip("torch")
+
+
+def temp_dirs() -> set:
+    return set(Path(tempfile.gettempdir()).glob("MAMLSegmentation-*"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """An untrained MAML checkpoint with the liver labels; its patch covers a whole tiny case."""
+    from engine_helpers import tiny_config
+    from maml.config import LIVER_LABELS
+    from maml.model import save_checkpoint
+    from maml.network import MAMLNet
+
+    config = tiny_config(base_features=4)
+    config.labels = list(LIVER_LABELS)
+    config.spacing = [6.0, 6.0, 6.0]
+    config.patch_size = [40, 64, 64]  # the tiny phantom at 6 mm fits in one window
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return save_checkpoint(path, MAMLNet(config), config, {"note": "untrained, for Slicer-side tests"})
+
+
+@pytest.fixture(scope="module")
+def case_files(tmp_path_factory):
+    """The engine's tiny two-phase phantom as NRRD files (like the bundled sample case)."""
+    from maml.phantom import make_case
+
+    folder = tmp_path_factory.mktemp("case")
+    case = make_case(3, "tiny")
+    paths = {phase: folder / f"phantom_{phase}.nrrd" for phase in case.images}
+    for phase, image in case.images.items():
+        sitk.WriteImage(image, str(paths[phase]))
+    other = make_case(40, "tiny")  # another "patient"
+    paths["other_arterial"] = folder / "other_arterial.nrrd"
+    sitk.WriteImage(other.images["arterial"], str(paths["other_arterial"]))
+    return paths
+
+
+def real_logic(model) -> MAMLSegmentationLogic:
+    """The logic as the module uses it: default engine command (this interpreter, -m maml.cli)."""
+    logic = MAMLSegmentationLogic(pythonExecutable=sys.executable, defaultModel=model)
+    assert logic.engineCommandPrefix() == [sys.executable, "-m", "maml.cli"]
+    return logic
+
+
+def exported_labels(segmentationNode, referenceNode) -> np.ndarray:
+    """The segmentation as label values (Liver 1, Liver tumor 2) on the reference volume's grid."""
+    scene = segmentationNode.GetScene()
+    segmentation = segmentationNode.GetSegmentation()
+    ids = vtk.vtkStringArray()
+    for name in ("Liver", "Liver tumor"):
+        ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName(name))
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
+    try:
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, ids, labelmap, referenceNode)
+        np.testing.assert_allclose(ijkToRASArray(labelmap), ijkToRASArray(referenceNode), atol=1e-6)
+        return slicer.util.arrayFromVolume(labelmap).copy()
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def scene_snapshot(scene) -> list:
+    return sorted((scene.GetNthNode(i).GetClassName(), scene.GetNthNode(i).GetName() or "")
+                  for i in range(scene.GetNumberOfNodes()))
+
+
+def test_segment_in_slicer_gives_the_same_labels_as_maml_segment_on_the_same_files(scene, tiny_model, case_files,
+                                                                                    tmp_path):
+    arterial = loadVolumeNode(scene, case_files["arterial"], "arterial")
+    venous = loadVolumeNode(scene, case_files["venous"], "venous")
+    before_dirs = temp_dirs()
+    steps = []
+    result = real_logic(tiny_model).segment({"arterial": arterial, "venous": venous}, registration="rigid",
+                                            device="cpu", progressCallback=lambda e: steps.append(e.step))
+    assert temp_dirs() == before_dirs, "temporary files left behind"
+    assert steps[-1] == "done" and {"load", "register", "inference", "statistics", "write"} <= set(steps)
+
+    # The same job from a shell, on the files the volumes were read from.
+    out = tmp_path / "shell"
+    completed = subprocess.run(
+        [sys.executable, "-m", "maml.cli", "segment", "--phase", f"arterial={case_files['arterial']}",
+         "--phase", f"venous={case_files['venous']}", "--out", str(out), "--model", str(tiny_model),
+         "--register", "rigid", "--device", "cpu", "--no-overview"],
+        cwd=MODULE_DIR, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
+    assert set(np.unique(expected)) == {0, 1, 2}, "the check needs liver and tumor voxels"
+
+    np.testing.assert_array_equal(exported_labels(result.segmentationNode, venous), expected)
+    shell_stats = json.loads((out / "stats.json").read_text())
+    assert result.stats["tumor_count"] == shell_stats["tumor_count"]
+    assert result.stats["liver_volume_ml"] == pytest.approx(shell_stats["liver_volume_ml"])
+    assert result.stats["model"]["sha256"] == shell_stats["model"]["sha256"]
+    assert result.stats["registration"]["preset"] == "rigid" and result.stats["reference_phase"] == "venous"
+    for phase in ("arterial", "venous"):
+        np.testing.assert_allclose(
+            slicer.util.arrayFromVolume(result.heatmapNodes[phase]),
+            sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"attention_{phase}.nii.gz"))), atol=1e-6)
+    # The registration: the moving phase under the engine's transform, mapped like the shell's file.
+    transform = result.transformNodes["arterial"]
+    assert arterial.GetParentTransformNode() is transform and venous.GetParentTransformNode() is None
+    shell_transform = sitk.ReadTransform(str(out / "transform_arterial.h5"))
+    F = np.diag([-1.0, -1.0, 1.0])
+    for ras in ([0.0, 0.0, 0.0], [40.0, -30.0, 25.0]):
+        expected_ras = F @ np.array(shell_transform.TransformPoint(tuple(F @ np.array(ras))))
+        np.testing.assert_allclose(transform.GetTransformFromParent().TransformPoint(ras), expected_ras, atol=1e-3)
+    rows = {result.statisticsTableNode.GetCellText(r, 0): float(result.statisticsTableNode.GetCellText(r, 1))
+            for r in range(result.statisticsTableNode.GetNumberOfRows())}
+    assert rows["Tumor count"] == shell_stats["tumor_count"]
+    assert rows["Total tumor volume"] == pytest.approx(shell_stats["tumor_volume_ml"], rel=1e-4)  # table text
+    assert result.tumorTableNode.GetNumberOfRows() == shell_stats["tumor_count"]
+
+
+def test_missing_phase_runs_the_present_phase_alone(scene, tiny_model, case_files):
+    venous = loadVolumeNode(scene, case_files["venous"], "venous")
+    result = real_logic(tiny_model).segment({"arterial": None, "venous": venous}, registration="rigid")
+    assert result.stats["phases"] == ["venous"] and result.stats["head"] == "venous"
+    assert result.heatmapNodes == {} and result.transformNodes == {}
+    assert result.referencePhase == "venous"
+    labels = exported_labels(result.segmentationNode, venous)
+    assert labels.shape == slicer.util.arrayFromVolume(venous).shape
+    assert int((labels > 0).sum()) > 0
+
+
+def test_phases_of_different_patients_get_the_engines_error_and_leave_the_scene_unchanged(scene, tiny_model,
+                                                                                          case_files):
+    arterial = loadVolumeNode(scene, case_files["other_arterial"], "arterial")
+    venous = loadVolumeNode(scene, case_files["venous"], "venous")
+    before, names, dirs = node_count(scene), scene_snapshot(scene), temp_dirs()
+    with pytest.raises(MAMLSegmentationError) as error:
+        real_logic(tiny_model).segment({"arterial": arterial, "venous": venous}, registration="rigid")
+    message = str(error.value)
+    assert "\n" not in message and not isinstance(error.value, CancelledError)
+    assert message.startswith("Segmentation failed: the arterial phase stays dissimilar to the venous phase")
+    assert "same patient" in message
+    assert node_count(scene) == before and scene_snapshot(scene) == names
+    assert arterial.GetParentTransformNode() is None
+    assert temp_dirs() == dirs
+
+
+def test_a_phase_the_model_does_not_know_gets_the_engines_error(scene, tiny_model, case_files):
+    venous = loadVolumeNode(scene, case_files["venous"], "venous")
+    before, dirs = node_count(scene), temp_dirs()
+    with pytest.raises(MAMLSegmentationError, match=r"phase\(s\) \['portal'\] are not phases of model 'tiny'"):
+        real_logic(tiny_model).segment({"portal": venous})
+    assert node_count(scene) == before and temp_dirs() == dirs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process state read from /proc")
+def test_cancel_during_registration_stops_the_engine_and_leaves_nothing(scene, tiny_model, case_files):
+    arterial = loadVolumeNode(scene, case_files["arterial"], "arterial")
+    venous = loadVolumeNode(scene, case_files["venous"], "venous")
+    before, names, dirs = node_count(scene), scene_snapshot(scene), temp_dirs()
+    run = real_logic(tiny_model).segment({"arterial": arterial, "venous": venous}, registration="deformable",
+                                         waitForCompletion=False)
+    (tempDir,) = temp_dirs() - dirs
+    steps, deadline = [], time.monotonic() + 120
+    while "register" not in steps and run.isRunning and time.monotonic() < deadline:
+        steps += [e.step for e in run.poll()]
+        time.sleep(0.05)
+    assert "register" in steps and run.isRunning, run.process.logText()
+    time.sleep(0.5)  # inside elastix
+    leader = run.process.pid
+    started = time.monotonic()
+    run.cancel()
+    assert time.monotonic() - started < 15
+    assert run.state == "cancelled" and isinstance(run.error, CancelledError)
+    assert run.process.returnCode in (130, -9), run.process.logText()  # clean stop, or killed after the grace
+    if run.process.returnCode == 130:
+        assert '"cancelled": true' in run.process.logText() or "[error]" in run.process.logText()
+    assert not _alive(leader)
+    assert not tempDir.exists() and temp_dirs() == dirs
+    assert node_count(scene) == before and scene_snapshot(scene) == names
+    assert arterial.GetParentTransformNode() is None
+    with pytest.raises(CancelledError):
+        run.wait()
+
+
+def test_segment_folder_runs_the_real_segment_batch(tiny_model, case_files, tmp_path):
+    from maml.cli import COMMANDS
+
+    if "segment-batch" not in COMMANDS:
+        pytest.skip("maml segment-batch is not in this engine yet")
+    table = tmp_path / "cases.csv"
+    table.write_text("case,arterial,venous\n"
+                     f"good,{case_files['arterial']},{case_files['venous']}\n"
+                     f"second,{case_files['other_arterial']},{case_files['venous']}\n")
+    events = []
+    out = real_logic(tiny_model).segmentFolder(table, tmp_path / "out", registration="none",
+                                               progressCallback=events.append)
+    assert out == tmp_path / "out"
+    assert (out / "good" / "segmentation.nii.gz").is_file()
+    assert (out / "summary.csv").is_file()
+    assert events[-1].step == "done"
