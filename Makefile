@@ -7,7 +7,10 @@ PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 DNA_PIN := dynamic-network-architectures==0.4.4
 
-.PHONY: setup test demo bench clean
+# Mesa's software OpenGL, for rendering Slicer slice views offscreen (screenshot and its test).
+SYSTEM_PACKAGES := libegl1 libegl-mesa0 libgbm1 libgl1-mesa-dri
+
+.PHONY: setup system-deps test demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +24,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
-test: setup
+system-deps:
+	@if ! ldconfig -p | grep -q libEGL_mesa; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
+	  else echo "note: offscreen rendering needs $(SYSTEM_PACKAGES); its test will be skipped"; fi; \
+	fi
+
+test: setup system-deps
 	$(PY) -m pytest -q Testing
 
 demo: setup
@@ -29,6 +39,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf $(VENV)

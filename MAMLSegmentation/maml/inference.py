@@ -145,10 +145,10 @@ def sliding_window_predict(
             regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in group]
             batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
             p, h = _predict_window(net, batch, phases, options.mirror)
-            for i, region in enumerate(regions):
-                probabilities[(slice(None), *region)] += p[i].float() * weight
+            for i, region in enumerate(regions):  # in place: no temporaries per window
+                probabilities[(slice(None), *region)].addcmul_(p[i].float(), weight)
                 if heatmaps is not None:
-                    heatmaps[(slice(None), *region)] += h[i].float() * weight
+                    heatmaps[(slice(None), *region)].addcmul_(h[i].float(), weight)
                 weight_sum[region] += weight
             if progress is not None:
                 progress(min(first + options.batch_size, len(starts)) / len(starts))
