@@ -277,6 +277,8 @@ def _check_slice_spacing(files: list[str], label: str) -> None:
 
 
 def _check_volume(image: sitk.Image, label: str) -> sitk.Image:
+    from .preprocessing import validate_image
+
     dim = image.GetDimension()
     size = tuple(image.GetSize())
     if dim == 4 and size[3] == 1:
@@ -290,35 +292,7 @@ def _check_volume(image: sitk.Image, label: str) -> sitk.Image:
             f"{label}: image is {dim}D (size {_fmt_size(size)}); a single 3D volume is needed "
             "(split the time series / phases into separate files)"
         )
-    if dim != 3:
-        raise InputError(f"{label}: image has {dim} dimensions; a 3D volume is needed")
-    components = image.GetNumberOfComponentsPerPixel()
-    if components != 1:
-        raise InputError(
-            f"{label}: image has {components} components per voxel (vector, colour or 4D data); "
-            "a scalar 3D volume is needed"
-        )
-    if any(s == 0 for s in size):
-        raise InputError(f"{label}: image is empty (size {_fmt_size(size)})")
-    if sum(s > 1 for s in size) < 3:
-        raise InputError(
-            f"{label}: image is a single slice (size {_fmt_size(size)}); a 3D volume is needed"
-        )
-    if not all(math.isfinite(s) and s > 0 for s in image.GetSpacing()):
-        raise InputError(f"{label}: image has an invalid voxel spacing {tuple(image.GetSpacing())}")
-    array = sitk.GetArrayViewFromImage(image)
-    if np.iscomplexobj(array):
-        raise InputError(f"{label}: image has complex voxels; a real-valued volume is needed")
-    if array.dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
-            bad = int(finite.size - np.count_nonzero(finite))
-            if bad == finite.size:
-                raise InputError(f"{label}: every voxel is NaN or infinite")
-            raise InputError(f"{label}: image has {bad} NaN or infinite voxel(s)")
-    low, high = array.min(), array.max()
-    if low == high:
-        raise InputError(f"{label}: image is constant (every voxel is {low}); nothing to segment")
+    validate_image(image, label)
     return image
 
 

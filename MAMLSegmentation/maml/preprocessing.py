@@ -145,22 +145,27 @@ def validate_image(image: sitk.Image, name: str) -> None:
     """Raise :class:`InputError` naming ``name`` if ``image`` cannot be segmented.
 
     Rejected: anything but a 3D scalar image (2D, 4D, vector or complex pixels), a size of 0 along
-    any axis, NaN or infinite voxels, a constant volume.
+    any axis, a single slice, an invalid spacing, NaN or infinite voxels, a constant volume. The one
+    place these checks live: ``maml.io.read_image`` runs them on every file it reads.
     """
     if not isinstance(image, sitk.Image):
         raise InputError(f"{name}: expected a SimpleITK image, got {type(image).__name__}")
     dimension = image.GetDimension()
+    size = image.GetSize()
     if dimension != 3:
-        raise InputError(f"{name}: image is {dimension}D; a 3D volume is needed")
+        raise InputError(f"{name}: image is {dimension}D (size {_size(size)}); a 3D volume is needed")
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
         raise InputError(
-            f"{name}: image has {components} components per voxel (vector/colour image); "
+            f"{name}: image has {components} components per voxel (vector, colour or 4D data); "
             "a scalar 3D volume is needed"
         )
-    size = image.GetSize()
     if any(s == 0 for s in size):
-        raise InputError(f"{name}: image is empty (size {'x'.join(map(str, size))})")
+        raise InputError(f"{name}: image is empty (size {_size(size)})")
+    if sum(s > 1 for s in size) < 3:
+        raise InputError(f"{name}: image is a single slice (size {_size(size)}); a 3D volume is needed")
+    if not all(np.isfinite(s) and s > 0 for s in image.GetSpacing()):
+        raise InputError(f"{name}: image has an invalid voxel spacing {tuple(image.GetSpacing())}")
     array = sitk.GetArrayViewFromImage(image)
     if np.iscomplexobj(array):
         raise InputError(f"{name}: image has complex voxels; a real-valued volume is needed")
@@ -168,10 +173,16 @@ def validate_image(image: sitk.Image, name: str) -> None:
         finite = np.isfinite(array)
         if not finite.all():
             bad = int(finite.size - np.count_nonzero(finite))
+            if bad == finite.size:
+                raise InputError(f"{name}: every voxel is NaN or infinite")
             raise InputError(f"{name}: image has {bad} NaN or infinite voxel(s)")
     low, high = array.min(), array.max()
     if low == high:
         raise InputError(f"{name}: image is constant (every voxel is {low}); nothing to segment")
+
+
+def _size(size) -> str:
+    return "x".join(str(s) for s in size)
 
 
 def check_same_grid(images: Mapping[str, sitk.Image]) -> None:
