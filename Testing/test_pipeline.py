@@ -222,3 +222,23 @@ def test_sigterm_stops_cleanly(tiny_model, case_files, tmp_path):
     assert json.loads(stdout.strip().splitlines()[-1])["step"] == "error"
     assert not out.exists()
     assert [p for p in tmp_path.iterdir() if p.name != "out"] == []
+
+
+def test_dicom_folder_with_several_series_is_one_clear_error_and_one_series_can_be_picked(
+        tiny_model, case_files, tmp_path, capsys):
+    from test_io import write_dicom_series
+
+    venous = sitk.ReadImage(str(case_files["venous"]))
+    folder = tmp_path / "dicom"
+    write_dicom_series(venous, folder, "1.2.826.0.1.3680043.2.1125.1", "venous", 1)
+    write_dicom_series(venous, folder, "1.2.826.0.1.3680043.2.1125.2", "venous again", 2)
+    out = tmp_path / "out"
+    code, _, stderr = run_segment(["--phase", f"venous={folder}", "--out", out, "--model", tiny_model,
+                                   "--register", "none", "--no-overview"], capsys)
+    assert code == 1 and len(stderr.strip().splitlines()) == 1
+    assert "1.2.826.0.1.3680043.2.1125.1" in stderr and "1.2.826.0.1.3680043.2.1125.2" in stderr
+    assert not out.exists()
+    code, _, stderr = run_segment(["--phase", f"venous={folder}::1.2.826.0.1.3680043.2.1125.2", "--out", out,
+                                   "--model", tiny_model, "--register", "none", "--no-overview"], capsys)
+    assert code == 0, stderr
+    assert sitk.ReadImage(str(out / "segmentation.nii.gz")).GetSize() == venous.GetSize()
