@@ -91,9 +91,12 @@ def _crop_to_union(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def monai_surface_available() -> bool:
     """MONAI's surface distances need scipy on the CPU (binary erosion, KD-tree)."""
-    import importlib.util
-
-    return importlib.util.find_spec("scipy") is not None
+    try:
+        import scipy.ndimage  # noqa: F401
+        import scipy.spatial  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def surface_metrics(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float]) -> dict[str, float]:
