@@ -108,3 +108,13 @@ def test_device_selection():
 def test_input_must_be_four_dimensional(net):
     with pytest.raises(InputError, match="phases, z, y, x"):
         sliding_window_predict(net, np.zeros(PATCH, np.float32), net.phases, SlidingWindowOptions(PATCH))
+
+
+def test_network_keeps_its_layout_and_stays_trainable_after_inference():
+    net = MAMLNet(tiny_config()).train()
+    sliding_window_predict(net, np.zeros((2, *PATCH), np.float32), net.phases, SlidingWindowOptions(PATCH))
+    assert all(p.is_contiguous() for p in net.parameters())
+    assert net.training
+    out = net(torch.randn(1, 2, *PATCH))
+    out.fused_logits.sum().backward()  # no inference tensors left in the weights
+    assert net.fused_head.weight.grad is not None
