@@ -90,3 +90,12 @@ def oblique_direction(degrees_z=20.0, degrees_x=10.0) -> np.ndarray:
 
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+def process_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (read from /proc)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")

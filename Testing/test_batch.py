@@ -4,24 +4,15 @@ import csv
 import json
 
 import pytest
-import SimpleITK as sitk
-import torch
 
-from engine_helpers import tiny_config
+from engine_helpers import save_tiny_liver_model
 from maml.cli import main
-from maml.config import LIVER_LABELS
-from maml.model import save_checkpoint
-from maml.network import MAMLNet
 from maml.phantom import write_dataset
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    config = tiny_config(base_features=4)
-    config.labels = list(LIVER_LABELS)
-    config.spacing = [6.0, 6.0, 6.0]
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", MAMLNet(config), config)
+    return save_tiny_liver_model(tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
 @pytest.fixture(scope="module")

@@ -11,40 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-from engine_helpers import tiny_config
+from engine_helpers import save_tiny_liver_model, write_tiny_case
 from maml.cli import main
-from maml.config import LIVER_LABELS
 from maml.errors import CancelledError, RegistrationError
-from maml.model import save_checkpoint
-from maml.network import MAMLNet
-from maml.phantom import make_case
 from maml.pipeline import SegmentOptions, segment, write_result
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    config = tiny_config(base_features=4)
-    config.labels = list(LIVER_LABELS)
-    config.spacing = [6.0, 6.0, 6.0]
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    return save_checkpoint(path, MAMLNet(config), config, {"note": "untrained, for pipeline tests"})
+    return save_tiny_liver_model(tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
 @pytest.fixture(scope="module")
 def case_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("case")
-    case = make_case(3, "tiny")
-    paths = {}
-    for phase, image in case.images.items():
-        paths[phase] = folder / f"{phase}.nii.gz"
-        sitk.WriteImage(image, str(paths[phase]))
-    other = make_case(40, "tiny")
-    paths["other_patient"] = folder / "other_arterial.nii.gz"
-    sitk.WriteImage(other.images["arterial"], str(paths["other_patient"]))
-    return paths
+    return write_tiny_case(tmp_path_factory.mktemp("case"))
 
 
 def run_segment(args, capsys):
@@ -116,7 +97,7 @@ def test_reference_phase_can_be_chosen(tiny_model, case_files):
 def test_phases_of_different_patients_are_refused(tiny_model, case_files, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, stderr = run_segment(
-        ["--phase", f"arterial={case_files['other_patient']}", "--phase", f"venous={case_files['venous']}",
+        ["--phase", f"arterial={case_files['other_arterial']}", "--phase", f"venous={case_files['venous']}",
          "--out", out, "--model", tiny_model, "--register", "rigid"], capsys)
     assert code == 1 and "same patient" in stderr
     assert len(stderr.strip().splitlines()) == 1

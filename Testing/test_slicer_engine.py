@@ -20,7 +20,7 @@ import pytest
 import SimpleITK as sitk
 import vtk
 
-from slicer_fixtures import MODULE_DIR, node_count, scene  # noqa: F401  (scene: pytest fixture)
+from slicer_fixtures import MODULE_DIR, node_count, process_alive, scene  # noqa: F401  (scene: pytest fixture)
 
 import slicer
 from MAMLSegmentationLib import CancelledError, MAMLSegmentationError, MAMLSegmentationLogic
@@ -37,34 +37,18 @@ def temp_dirs() -> set:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """An untrained MAML checkpoint with the liver labels; its patch covers a whole tiny case."""
-    from engine_helpers import tiny_config
-    from maml.config import LIVER_LABELS
-    from maml.model import save_checkpoint
-    from maml.network import MAMLNet
+    from engine_helpers import save_tiny_liver_model
 
-    config = tiny_config(base_features=4)
-    config.labels = list(LIVER_LABELS)
-    config.spacing = [6.0, 6.0, 6.0]
-    config.patch_size = [40, 64, 64]  # the tiny phantom at 6 mm fits in one window
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    return save_checkpoint(path, MAMLNet(config), config, {"note": "untrained, for Slicer-side tests"})
+    return save_tiny_liver_model(tmp_path_factory.mktemp("model") / "tiny.pt", patch_size=[40, 64, 64],
+                                 note="untrained, for Slicer-side tests")
 
 
 @pytest.fixture(scope="module")
 def case_files(tmp_path_factory):
     """The engine's tiny two-phase phantom as NRRD files (like the bundled sample case)."""
-    from maml.phantom import make_case
+    from engine_helpers import write_tiny_case
 
-    folder = tmp_path_factory.mktemp("case")
-    case = make_case(3, "tiny")
-    paths = {phase: folder / f"phantom_{phase}.nrrd" for phase in case.images}
-    for phase, image in case.images.items():
-        sitk.WriteImage(image, str(paths[phase]))
-    other = make_case(40, "tiny")  # another "patient"
-    paths["other_arterial"] = folder / "other_arterial.nrrd"
-    sitk.WriteImage(other.images["arterial"], str(paths["other_arterial"]))
-    return paths
+    return write_tiny_case(tmp_path_factory.mktemp("case"), suffix=".nrrd", prefix="phantom_")
 
 
 def real_logic(model) -> MAMLSegmentationLogic:
@@ -178,14 +162,6 @@ def test_a_phase_the_model_does_not_know_gets_the_engines_error(scene, tiny_mode
     assert node_count(scene) == before and temp_dirs() == dirs
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="process state read from /proc")
 def test_cancel_during_registration_stops_the_engine_and_leaves_nothing(scene, tiny_model, case_files):
     arterial = loadVolumeNode(scene, case_files["arterial"], "arterial")
@@ -208,7 +184,7 @@ def test_cancel_during_registration_stops_the_engine_and_leaves_nothing(scene, t
     assert run.process.returnCode in (130, -9), run.process.logText()  # clean stop, or killed after the grace
     if run.process.returnCode == 130:
         assert '"cancelled": true' in run.process.logText() or "[error]" in run.process.logText()
-    assert not _alive(leader)
+    assert not process_alive(leader)
     assert not tempDir.exists() and temp_dirs() == dirs
     assert node_count(scene) == before and scene_snapshot(scene) == names
     assert arterial.GetParentTransformNode() is None

@@ -23,7 +23,8 @@ import pytest
 import SimpleITK as sitk
 import vtk
 
-from slicer_fixtures import ijk_to_ras, make_volume_node, node_count, oblique_direction, scene  # noqa: F401
+from slicer_fixtures import (ijk_to_ras, make_volume_node, node_count, oblique_direction, process_alive,  # noqa: F401
+                             scene)
 
 import slicer
 from MAMLSegmentationLib import (
@@ -288,14 +289,6 @@ def test_engine_that_cannot_start_is_a_clear_error(scene):
     assert node_count(scene) == before and temp_dirs() == dirs
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups checked through /proc")
 def test_cancel_kills_process_tree_removes_temp_files_scene_unchanged(scene, monkeypatch, tmp_path):
     arterial, venous, _ = two_phase_case(scene)
@@ -312,13 +305,13 @@ def test_cancel_kills_process_tree_removes_temp_files_scene_unchanged(scene, mon
     assert "inference" in steps and run.isRunning
     child = int(pid_file.read_text())
     leader = run.process.pid
-    assert _alive(child) and _alive(leader)
+    assert process_alive(child) and process_alive(leader)
     run.cancel()
     assert run.state == "cancelled" and isinstance(run.error, CancelledError)
     deadline = time.monotonic() + 10
-    while (_alive(child) or _alive(leader)) and time.monotonic() < deadline:
+    while (process_alive(child) or process_alive(leader)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(leader) and not _alive(child)
+    assert not process_alive(leader) and not process_alive(child)
     assert temp_dirs() == dirs
     assert node_count(scene) == before and arterial.GetTransformNodeID() is None
     with pytest.raises(CancelledError):
