@@ -273,7 +273,8 @@ def render_overview(
     liver_name = names.get(liver_label, "liver")
     headers = ["CT", f"{liver_name.capitalize()} and {tumor_name} outlines", "MA attention map"]
     for row, (phase, image) in enumerate(phases.items()):
-        vol = sitk.GetArrayViewFromImage(_orient(image))
+        oriented = _orient(image)  # kept referenced: an array view does not own its image
+        vol = sitk.GetArrayViewFromImage(oriented)
         ct = np.asarray(vol[k, rows, cols], dtype=np.float32)
         vmin, vmax, caption = _window(ct, vol)
         top = fig_h - _TITLE_H - _HEADER_H - row * (panel_h + _GAP)
@@ -308,8 +309,9 @@ def render_overview(
         if show_attention:
             ax = axes[2]
             if phase in attention:
-                att = np.asarray(sitk.GetArrayViewFromImage(_orient(attention[phase]))[k, rows, cols],
-                                 dtype=np.float32)
+                oriented_attention = _orient(attention[phase])
+                att = np.array(sitk.GetArrayViewFromImage(oriented_attention)[k, rows, cols],
+                               dtype=np.float32)
                 heat = ax.imshow(np.clip(att, 0, 1), cmap=ATTENTION_CMAP, vmin=0, vmax=1,
                                  alpha=ATTENTION_ALPHA, extent=extent, interpolation="bilinear",
                                  aspect="equal")
