@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -416,6 +417,22 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
             tmp.unlink()
         raise
     return target
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file path beside ``path``; it replaces ``path`` when the block succeeds and is
+    removed otherwise. For writers that want a path (torch.save, np.save, savefig)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
 
 
 @contextlib.contextmanager

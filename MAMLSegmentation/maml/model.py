@@ -7,8 +7,6 @@ opening a file from someone else cannot run code.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ModelError
+from .io import atomic_path
 from .network import MAMLNet
 
 FORMAT = "maml-checkpoint"
@@ -69,14 +68,8 @@ def save_checkpoint(path: str | Path, network: MAMLNet, config: ModelConfig,
         "state_dict": state,
         "metadata": metadata or {},
     }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 

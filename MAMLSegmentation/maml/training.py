@@ -30,7 +30,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -48,6 +47,7 @@ from .data import (CaseData, PatchDataset, PreprocessedCache, atomic_write_text,
                    config_for_dataset, item_seed, read_dataset, split_cases)
 from .errors import InputError, MAMLError
 from .evaluation import evaluate_arrays
+from .io import atomic_path
 from .losses import MutualLearningLoss
 from .model import save_checkpoint
 from .network import MAMLNet
@@ -365,15 +365,11 @@ def plot_curves(out_dir: Path, rows: list[dict], phases: Sequence[str], labels: 
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    handle, temporary = tempfile.mkstemp(dir=out_dir, prefix=".training_curves.", suffix=".png")
-    os.close(handle)
     try:
-        fig.savefig(temporary, dpi=90)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, dpi=90, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 
@@ -383,14 +379,8 @@ def plot_curves(out_dir: Path, rows: list[dict], phases: Sequence[str], labels: 
 
 
 def save_state(path: Path, payload: dict) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def load_state(path: Path) -> dict:
