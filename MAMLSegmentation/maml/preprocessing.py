@@ -178,7 +178,7 @@ def validate_image(image: sitk.Image, name: str) -> None:
             raise InputError(f"{name}: image has {bad} NaN or infinite voxel(s)")
     low, high = array.min(), array.max()
     if low == high:
-        raise InputError(f"{name}: image is constant (every voxel is {low}); nothing to segment")
+        raise InputError(f"{name}: image is constant (every voxel is {low}): there is no anatomy in it")
 
 
 def _size(size) -> str:

@@ -177,27 +177,9 @@ def _check_preset(preset) -> None:
 
 
 def _check_image(image, role: str) -> sitk.Image:
-    label = f"{role} image"
-    if not isinstance(image, sitk.Image):
-        raise InputError(f"{label}: expected a SimpleITK image, got {type(image).__name__}")
-    dim = image.GetDimension()
-    size = tuple(image.GetSize())
-    if dim != 3:
-        raise InputError(f"{label}: image is {dim}D (size {size}); a 3D volume is needed")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{label}: image has several components per voxel; a scalar volume is needed")
-    if any(s == 0 for s in size) or image.GetNumberOfPixels() == 0:
-        raise InputError(f"{label}: image is empty (size {size})")
-    if sum(s > 1 for s in size) < 3:
-        raise InputError(f"{label}: image is a single slice (size {size}); a 3D volume is needed")
-    array = sitk.GetArrayViewFromImage(image)
-    if array.dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
-            bad = int(finite.size - np.count_nonzero(finite))
-            raise InputError(f"{label}: image has {bad} NaN or infinite voxel(s)")
-    if array.min() == array.max():
-        raise InputError(f"{label}: image is constant (every voxel is {array.min()}); cannot register it")
+    from .preprocessing import validate_image
+
+    validate_image(image, f"{role} image")
     return image
 
 
