@@ -128,6 +128,17 @@ def prepareApplicationLogic(scene, appLogic=None):
     return appLogic
 
 
+
+def _textActor(text: str, size: int, color, bold: bool) -> "vtk.vtkTextActor":
+    actor = vtk.vtkTextActor()
+    actor.SetInput(text)
+    prop = actor.GetTextProperty()
+    prop.SetFontSize(int(size))
+    prop.SetColor(*color)
+    prop.SetBold(bold)
+    prop.SetFontFamilyToArial()
+    return actor
+
 class SliceViewRenderer:
     """One slice view (like Slicer's Red view) rendered offscreen to a numpy RGB image."""
 
@@ -235,13 +246,8 @@ class SliceViewRenderer:
     def addText(self, text: str, x: int, y: int, size: int = 16, color=(1.0, 1.0, 1.0), bold: bool = False,
                 alignRight: bool = False, top: bool = True) -> None:
         """Overlay text; (x, y) in pixels from the top-left corner (top=True) of the view."""
-        actor = vtk.vtkTextActor()
-        actor.SetInput(text)
+        actor = _textActor(text, size, color, bold)
         prop = actor.GetTextProperty()
-        prop.SetFontSize(int(size))
-        prop.SetColor(*color)
-        prop.SetBold(bold)
-        prop.SetFontFamilyToArial()
         prop.SetShadow(True)
         prop.SetJustificationToRight() if alignRight else prop.SetJustificationToLeft()
         prop.SetVerticalJustificationToTop() if top else prop.SetVerticalJustificationToBottom()
@@ -290,14 +296,8 @@ def renderText(width: int, height: int, texts: list, background=(0.1, 0.1, 0.1))
     renderer.SetBackground(*background)
     window.AddRenderer(renderer)
     for text, x, y, size, color, bold in texts:
-        actor = vtk.vtkTextActor()
-        actor.SetInput(text)
-        prop = actor.GetTextProperty()
-        prop.SetFontSize(int(size))
-        prop.SetColor(*color)
-        prop.SetBold(bold)
-        prop.SetFontFamilyToArial()
-        prop.SetVerticalJustificationToCentered()
+        actor = _textActor(text, size, color, bold)
+        actor.GetTextProperty().SetVerticalJustificationToCentered()
         actor.SetDisplayPosition(int(x), int(height - y))
         renderer.AddViewProp(actor)
     window.Render()
