@@ -14,6 +14,7 @@ from maml.preprocessing import (
     PreprocessedCase,
     check_same_grid,
     labels_from_probabilities,
+    intensity_properties,
     normalize,
     one_hot,
     preprocess_phases,
@@ -227,6 +228,45 @@ def test_ct_normalisation_clips_at_percentiles_and_z_scores():
     assert out.max() < 4.0
 
 
+def test_dataset_ct_normalisation_uses_the_given_training_statistics():
+    rng = np.random.default_rng(2)
+    array = rng.normal(80.0, 300.0, size=(8, 16, 16)).astype(np.float32)
+    before = array.copy()
+    props = {"low": -20.0, "high": 200.0, "mean": 95.0, "std": 25.0}
+    out = normalize(array, "ct_dataset", props)
+    np.testing.assert_array_equal(array, before)
+    np.testing.assert_allclose(out, (np.clip(before, -20.0, 200.0) - 95.0) / 25.0, rtol=1e-6, atol=1e-6)
+    assert out.min() == pytest.approx(-4.6) and out.max() == pytest.approx(4.2)
+    with pytest.raises(ModelError, match="intensity properties"):
+        normalize(array, "ct_dataset")
+
+
+def test_intensity_properties_are_nnunet_foreground_statistics():
+    rng = np.random.default_rng(3)
+    values = rng.normal(100.0, 20.0, 5000)
+    props = intensity_properties(np.concatenate([values, [np.nan]]))
+    assert props["low"] == pytest.approx(np.percentile(values, 0.5))
+    assert props["high"] == pytest.approx(np.percentile(values, 99.5))
+    assert props["mean"] == pytest.approx(values.mean())
+    assert props["std"] == pytest.approx(values.std())
+    with pytest.raises(InputError, match="no foreground"):
+        intensity_properties(np.array([]))
+
+
+def test_a_dataset_normalised_config_without_statistics_is_refused():
+    config = _config()
+    config.normalization = {phase: "ct_dataset" for phase in config.phases}
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32))
+    with pytest.raises(ModelError, match="not a trained model"):
+        preprocess_phases({phase: image for phase in config.phases}, config)
+    config.intensity_properties = {"arterial": {"low": 0, "high": 1, "mean": 0.5, "std": 0}}
+    with pytest.raises(ModelError, match="std > 0"):
+        config.validate()
+    config.intensity_properties = {"portal": {"low": 0, "high": 1, "mean": 0.5, "std": 1}}
+    with pytest.raises(ModelError, match="unknown phase 'portal'"):
+        config.validate()
+
+
 def test_mr_normalisation_keeps_zeros():
     rng = np.random.default_rng(1)
     array = rng.normal(500.0, 50.0, size=(10, 20, 20))
@@ -260,6 +300,7 @@ def test_no_normalisation_is_a_float_copy_and_unknown_scheme_fails():
 def _config(spacing=MODEL_SPACING_ZYX):
     config = demo_config()
     config.spacing = list(spacing)
+    config.normalization = {phase: "ct" for phase in config.phases}  # per image: no statistics needed
     return config
 
 

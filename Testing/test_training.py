@@ -121,7 +121,8 @@ def test_repeated_channel_names_and_region_labels_are_handled(tmp_path):
     meta["channel_names"] = {"0": "CT", "1": "CT"}
     (root / "dataset.json").write_text(json.dumps(meta))
     config = config_for_dataset(tiny_model_config(), read_dataset(root))
-    assert config.phases == ["CT_0", "CT_1"] and set(config.normalization.values()) == {"ct"}
+    # nnU-Net's channel-name keyword "CT" means its CTNormalization (training-set statistics)
+    assert config.phases == ["CT_0", "CT_1"] and set(config.normalization.values()) == {"ct_dataset"}
     meta["labels"] = {"background": 0, "whole": [1, 2]}
     (root / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="region"):
@@ -251,6 +252,40 @@ def test_training_reduces_loss_and_writes_everything(dataset, tmp_path):
     # an existing run is not overwritten without --resume
     with pytest.raises(InputError, match="--resume"):
         train(dataset, out, tiny_model_config(), tiny_options(), progress=False)
+
+
+def test_dataset_ct_normalisation_statistics_come_from_the_training_foreground(dataset, tmp_path):
+    """'ct_dataset': training computes the foreground statistics of the training cases only, the
+    checkpoint carries them, and the cache holds data normalised with them."""
+    config = tiny_model_config()
+    config.normalization = {phase: "ct_dataset" for phase in config.phases}
+    out = tmp_path / "run"
+    train(dataset, out, config, tiny_options(epochs=1, iterations_per_epoch=1, augmentation="none"),
+          progress=False)
+    raw = read_dataset(dataset)
+    train_ids = raw.cases[:-1]  # val_cases=1: the last case validates and is not counted
+    model = load_model(out / "checkpoint_latest.pt")
+    for channel, phase in enumerate(("arterial", "venous")):
+        values = []
+        for case in train_ids:  # fewer foreground voxels than the sampling cap: all are used
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw.label_file(case))))
+            image = sitk.GetArrayFromImage(sitk.ReadImage(str(raw.image_files(case)[channel])))
+            values.append(image[label > 0].astype(np.float64))
+        values = np.concatenate(values)
+        props = model.config.intensity_properties[phase]
+        assert props["low"] == pytest.approx(np.percentile(values, 0.5))
+        assert props["high"] == pytest.approx(np.percentile(values, 99.5))
+        assert props["mean"] == pytest.approx(values.mean())
+        assert props["std"] == pytest.approx(values.std())
+        # the cached training data is that normalisation of the (unresampled) image
+        case = train_ids[0]
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(raw.image_files(case)[channel])))
+        expected = (np.clip(image, props["low"], props["high"]) - props["mean"]) / props["std"]
+        cached = np.load(out / "preprocessed" / f"{case}.npy")[channel]
+        np.testing.assert_allclose(cached, expected, rtol=1e-4, atol=1e-4)
+        # liver and tumor differ by whole units, not hundredths
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw.label_file(case))))
+        assert abs(cached[label == 2].mean() - cached[label == 1].mean()) > 1.0
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(dataset, tmp_path):

@@ -14,7 +14,10 @@ from typing import Any
 
 from .errors import ModelError
 
-NORMALIZATION_SCHEMES = ("ct", "mr", "none")
+# "ct": the image's own 0.5-99.5 percentiles and z-score; "ct_dataset": nnU-Net's CTNormalization
+# (clip and z-score with the foreground statistics of the training set, ``intensity_properties``).
+NORMALIZATION_SCHEMES = ("ct", "ct_dataset", "mr", "none")
+INTENSITY_PROPERTY_KEYS = ("low", "high", "mean", "std")
 MA_VARIANTS = ("paper", "code")
 
 
@@ -104,8 +107,11 @@ class ModelConfig:
     labels: list[Label]
     spacing: list[float]  # (z, y, x) mm, the spacing the network works at
     patch_size: list[int]  # (z, y, x) voxels
-    normalization: dict[str, str]  # phase -> "ct" | "mr" | "none"
+    normalization: dict[str, str]  # phase -> one of NORMALIZATION_SCHEMES
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    # phase -> {"low", "high", "mean", "std"} in the image's units (HU): the training set's
+    # foreground statistics that "ct_dataset" normalises with; set by training.
+    intensity_properties: dict[str, dict[str, float]] = field(default_factory=dict)
     intended_use: str = "Research use only. Not for clinical use."
 
     @property
@@ -139,6 +145,7 @@ class ModelConfig:
                     f"model {self.name!r}: normalization {scheme!r} of phase {phase!r} "
                     f"is not one of {NORMALIZATION_SCHEMES}"
                 )
+        self._validate_intensity_properties()
         if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
             raise ModelError(f"model {self.name!r}: spacing must be 3 positive values (z, y, x)")
         self.network.validate()
@@ -148,6 +155,25 @@ class ModelConfig:
                 f"model {self.name!r}: patch size {self.patch_size} must have 3 values divisible "
                 f"by the network's total downsampling {divisor}"
             )
+
+    def _validate_intensity_properties(self) -> None:
+        for phase, props in self.intensity_properties.items():
+            if phase not in self.phases:
+                raise ModelError(f"model {self.name!r}: intensity properties given for unknown phase "
+                                 f"{phase!r}; phases are {self.phases}")
+            try:
+                values = {key: float(props[key]) for key in INTENSITY_PROPERTY_KEYS}
+            except (KeyError, TypeError, ValueError):
+                raise ModelError(f"model {self.name!r}: intensity properties of phase {phase!r} need "
+                                 f"numbers {list(INTENSITY_PROPERTY_KEYS)}, got {props!r}") from None
+            if not values["low"] <= values["high"] or not values["std"] > 0:
+                raise ModelError(f"model {self.name!r}: intensity properties of phase {phase!r} are "
+                                 f"inconsistent (need low <= high and std > 0): {values}")
+
+    def missing_intensity_properties(self) -> list[str]:
+        """Phases normalised with "ct_dataset" whose statistics are not known yet."""
+        return [phase for phase in self.phases if self.normalization.get(phase) == "ct_dataset"
+                and phase not in self.intensity_properties]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -203,7 +229,7 @@ def paper_config() -> ModelConfig:
         labels=list(LIVER_LABELS),
         spacing=[1.5, 0.8, 0.8],
         patch_size=[128, 128, 128],
-        normalization={"arterial": "ct", "venous": "ct"},
+        normalization={"arterial": "ct_dataset", "venous": "ct_dataset"},
         network=NetworkConfig(
             base_features=32,
             kernel_sizes=[[3, 3, 3]] * 6,
@@ -220,7 +246,7 @@ def demo_config() -> ModelConfig:
         labels=list(LIVER_LABELS),
         spacing=[3.0, 2.5, 2.5],
         patch_size=[32, 64, 64],
-        normalization={"arterial": "ct", "venous": "ct"},
+        normalization={"arterial": "ct_dataset", "venous": "ct_dataset"},
         network=NetworkConfig(
             base_features=8,
             kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],

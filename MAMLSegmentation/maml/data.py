@@ -31,7 +31,7 @@ from .io import atomic_path, write_bytes_atomic
 
 CACHE_VERSION = 1
 MAX_FOREGROUND_SAMPLES = 10000  # per class and case, as nnU-Net
-CHANNEL_NAME_NORMALIZATION = {"ct": "ct", "nonorm": "none", "zscore": "mr", "mr": "mr", "t1": "mr",
+CHANNEL_NAME_NORMALIZATION = {"ct": "ct_dataset", "nonorm": "none", "zscore": "mr", "mr": "mr", "t1": "mr",
                               "t2": "mr", "flair": "mr", "t1ce": "mr", "t1gd": "mr"}
 
 
@@ -209,6 +209,7 @@ def cache_plan(config: ModelConfig, dataset: RawDataset, register: str | None) -
         "labels": dataset.labels,
         "spacing": list(config.spacing),
         "normalization": config.normalization,
+        "intensity_properties": config.intensity_properties,
         "register": register,
     }
 
@@ -365,6 +366,43 @@ def preprocess_case(dataset: RawDataset, config: ModelConfig, case: str, registe
         "class_voxels": {str(v): int((seg == v).sum()) for v in range(config.num_classes)},
     }
     return pre.data, seg, meta
+
+
+def dataset_intensity_properties(dataset: RawDataset, config: ModelConfig, cases: Sequence[str],
+                                 register: str | None = None, progress: bool = True
+                                 ) -> dict[str, dict[str, float]]:
+    """Foreground (label > 0) CT statistics per "ct_dataset" phase over ``cases``, as nnU-Net's
+    fingerprint: up to MAX_FOREGROUND_SAMPLES voxel values per case and phase, pooled."""
+    import SimpleITK as sitk
+
+    from .preprocessing import intensity_properties
+
+    phases = [p for p in config.phases if config.normalization[p] == "ct_dataset"]
+    if not phases:
+        return {}
+    pooled: dict[str, list[np.ndarray]] = {p: [] for p in phases}
+    iterator = cases
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(cases, desc="intensity statistics", unit="case")
+    for case in iterator:
+        images, label = load_case_images(dataset, config, case, register)
+        foreground = sitk.GetArrayViewFromImage(label) > 0
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(case.encode()).digest()[:4], "little"))
+        for phase in phases:
+            values = sitk.GetArrayViewFromImage(images[phase])[foreground]
+            if values.size > MAX_FOREGROUND_SAMPLES:
+                values = rng.choice(values, MAX_FOREGROUND_SAMPLES, replace=False)
+            pooled[phase].append(np.asarray(values, dtype=np.float64))
+    out = {}
+    for phase in phases:
+        try:
+            out[phase] = intensity_properties(np.concatenate(pooled[phase]))
+        except InputError:
+            raise InputError(f"data set {dataset.root}: the label maps of the training cases have no "
+                             f"foreground, so phase {phase!r} has no CT statistics ('ct_dataset')") from None
+    return out
 
 
 class PreprocessedCache:

@@ -221,10 +221,16 @@ def _fmt(values) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def normalize(array: np.ndarray, scheme: str) -> np.ndarray:
+def normalize(array: np.ndarray, scheme: str,
+              properties: Mapping[str, float] | None = None) -> np.ndarray:
     """Intensity normalisation of one phase; returns a new float32 array, ``array`` is untouched.
 
-    - "ct": clip to the image's own 0.5 and 99.5 percentiles, then z-score (paper).
+    - "ct": clip to the image's own 0.5 and 99.5 percentiles, then z-score (the paper, read
+      literally; needs no training statistics).
+    - "ct_dataset": nnU-Net's CTNormalization: clip to the training set's foreground 0.5-99.5
+      percentiles ``properties["low"/"high"]``, subtract its foreground mean, divide by its standard
+      deviation. Liver and tumor keep a contrast of about one unit instead of a few hundredths
+      (the per-image range is dominated by air and bone).
     - "mr": z-score using the mean and standard deviation of the non-zero voxels; zeros stay 0.
     - "none": a float32 copy.
     """
@@ -233,6 +239,15 @@ def normalize(array: np.ndarray, scheme: str) -> np.ndarray:
     data = np.asarray(array)
     if scheme == "none":
         return data.astype(np.float32, copy=True)
+    if scheme == "ct_dataset":
+        if not properties:
+            raise ModelError("normalization 'ct_dataset' needs the training set's intensity "
+                             "properties (low, high, mean, std); the model configuration has none")
+        out = data.astype(np.float32, copy=True)
+        np.clip(out, float(properties["low"]), float(properties["high"]), out=out)
+        out -= float(properties["mean"])
+        out /= max(float(properties["std"]), _EPS)
+        return out
     if scheme == "ct":
         low, high = np.percentile(data, CT_PERCENTILES)
         out = data.astype(np.float32, copy=True)
@@ -251,6 +266,18 @@ def normalize(array: np.ndarray, scheme: str) -> np.ndarray:
         std = values.std()
         out[mask] = ((values - mean) / max(std, _EPS)).astype(np.float32)
     return out
+
+
+def intensity_properties(foreground_values: np.ndarray) -> dict[str, float]:
+    """The statistics "ct_dataset" normalises with, from pooled foreground voxel values (nnU-Net's
+    dataset fingerprint): 0.5 and 99.5 percentiles, mean and standard deviation."""
+    values = np.asarray(foreground_values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise InputError("no foreground voxels to compute the CT intensity statistics from")
+    low, high = np.percentile(values, CT_PERCENTILES)
+    return {"low": float(low), "high": float(high), "mean": float(values.mean()),
+            "std": float(max(values.std(), _EPS))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,6 +411,10 @@ def preprocess_phases(
             f"unknown phase name(s) {unknown}; model {config.name!r} has phases {config.phases}"
         )
     phases = [p for p in config.phases if p in images]
+    missing = [p for p in config.missing_intensity_properties() if p in phases]
+    if missing:
+        raise ModelError(f"model {config.name!r} normalises phase(s) {missing} with the training "
+                         "set's CT statistics ('ct_dataset') but carries none; it is not a trained model")
     for phase in phases:
         validate_image(images[phase], f"phase {phase!r}")
     check_same_grid({p: images[p] for p in phases})
@@ -396,7 +427,8 @@ def preprocess_phases(
         # of the voxels the network actually sees (and clipping also removes B-spline overshoot),
         # as in nnU-Net v1, which the published MAML code forks.
         resampled = _resample(images[phase], model_geometry, interpolator)
-        data[index] = normalize(sitk.GetArrayViewFromImage(resampled), config.normalization[phase])
+        data[index] = normalize(sitk.GetArrayViewFromImage(resampled), config.normalization[phase],
+                                config.intensity_properties.get(phase))
     return PreprocessedCase(data, phases, model_geometry, input_geometry)
 
 

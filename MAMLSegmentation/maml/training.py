@@ -44,7 +44,8 @@ from torch import nn
 from . import __version__
 from .config import ModelConfig
 from .data import (CaseData, PatchDataset, PreprocessedCache, atomic_write_text, build_augmentation,
-                   config_for_dataset, item_seed, read_dataset, split_cases)
+                   config_for_dataset, dataset_intensity_properties, item_seed, read_dataset,
+                   split_cases)
 from .errors import InputError, MAMLError
 from .evaluation import evaluate_arrays
 from .io import atomic_path
@@ -128,7 +129,7 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
     "paper": {"epochs": 600, "iterations_per_epoch": 250, "batch_size": 2},
     "code": {"epochs": 1000, "iterations_per_epoch": 250, "batch_size": 2, "optimizer": "sgd",
              "loss_variant": "code"},
-    "demo": {"epochs": 48, "iterations_per_epoch": 25, "batch_size": 2, "learning_rate": 1e-3,
+    "demo": {"epochs": 120, "iterations_per_epoch": 25, "batch_size": 2, "learning_rate": 1e-3,
              "oversample_foreground": 0.5, "val_every": 6, "val_overlap": 0.25, "threads": 1,
              "num_workers": 1},
 }
@@ -514,6 +515,11 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
     train_ids, val_ids = split_cases(dataset.cases, options.fold, options.n_folds, options.val_cases)
     if state is not None and (state["train_cases"] != train_ids or state["val_cases"] != val_ids):
         raise InputError(f"the cases of {dataset.root} differ from those of the run being resumed")
+    if config.missing_intensity_properties():
+        # Every rank computes the same statistics (deterministic sampling), no broadcast needed.
+        config.intensity_properties.update(dataset_intensity_properties(
+            dataset, config, train_ids, options.register, progress=show))
+        config.validate()
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     cache = PreprocessedCache(out_dir / "preprocessed", config, dataset, options.register)

@@ -1,5 +1,7 @@
 """maml train: train MAML on an nnU-Net v2 raw data set (single process or under torchrun)."""
 
+from ..config import NORMALIZATION_SCHEMES
+
 HELP = "train a MAML model on an nnU-Net v2 raw data set (resumable; torchrun for several GPUs)"
 
 # Options whose argparse default is None: only values the user typed override the preset (and,
@@ -26,7 +28,7 @@ def configure(parser):
                         "validation); default 0")
     parser.add_argument("--val-cases", type=int, help="validate on the last N sorted cases instead of a fold")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    parser.add_argument("--epochs", type=int, help="number of epochs (preset: paper 600, demo 40)")
+    parser.add_argument("--epochs", type=int, help="number of epochs (preset: paper 600, demo 120)")
     parser.add_argument("--iterations", type=int, help="iterations per epoch (paper 250)")
     parser.add_argument("--batch-size", type=int, help="patches per iteration and process (default 2)")
     parser.add_argument("--optimizer", choices=["adam", "sgd"],
@@ -40,7 +42,7 @@ def configure(parser):
     parser.add_argument("--lambda-intra", type=float, help="weight of the per-phase loss terms")
     parser.add_argument("--modality-dropout", type=float,
                         help="probability that an iteration trains one random phase alone (helps "
-                             "the missing-phase heads); default 0 (demo 0.2)")
+                             "the missing-phase heads); default 0")
     parser.add_argument("--oversample", type=float, help="fraction of foreground-centred patches (1/3)")
     parser.add_argument("--augmentation", choices=["default", "light", "none"],
                         help="default: rotation, scaling, elastic, gamma, brightness, noise, mirroring")
@@ -54,9 +56,11 @@ def configure(parser):
                              "maml.registration preset (e.g. deformable), or 'transforms' to apply "
                              "DATASET/transforms/CASE_<phase>_to_<reference phase>.tfm (written by "
                              "maml phantom); without it such cases are rejected")
-    parser.add_argument("--normalization", choices=["ct", "mr", "none"],
-                        help="normalisation of every phase (default: from the configuration or "
-                             "the channel names)")
+    parser.add_argument("--normalization", choices=list(NORMALIZATION_SCHEMES),
+                        help="normalisation of every phase: ct_dataset (nnU-Net: the training "
+                             "set's foreground CT statistics), ct (each image's own percentiles), "
+                             "mr (z-score of non-zero voxels), none; default: from the "
+                             "configuration or the channel names")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
