@@ -22,6 +22,7 @@ COMMANDS = {
     "register": "register",
     "segment": "segment",
     "segment-batch": "segment_batch",
+    "tune-postprocessing": "tune_postprocessing",
     "demo": "demo",
 }
 

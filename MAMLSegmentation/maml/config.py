@@ -99,6 +99,27 @@ def _per_stage(value: list[int] | int, count: int, name: str) -> list[int]:
 
 
 @dataclass
+class PostprocessingConfig:
+    """What is done to a label map after inference (see :mod:`maml.postprocessing`).
+
+    Chosen on validation cases (``maml tune-postprocessing``), never on test cases, as nnU-Net
+    determines its post-processing. The default does nothing.
+
+    ``largest_component``: keep only the largest connected foreground component (all non-zero labels
+    together: the organ with its lesions) and clear the rest.
+    ``min_volume_ml``: label name -> connected components of that label smaller than this volume
+    take the label that surrounds them most (a speck of tumor inside the liver becomes liver).
+    """
+
+    largest_component: bool = False
+    min_volume_ml: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.largest_component and not any(v > 0 for v in self.min_volume_ml.values())
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to preprocess inputs, build the network and name its outputs."""
 
@@ -112,6 +133,7 @@ class ModelConfig:
     # phase -> {"low", "high", "mean", "std"} in the image's units (HU): the training set's
     # foreground statistics that "ct_dataset" normalises with; set by training.
     intensity_properties: dict[str, dict[str, float]] = field(default_factory=dict)
+    postprocessing: PostprocessingConfig = field(default_factory=PostprocessingConfig)
     intended_use: str = "Research use only. Not for clinical use."
 
     @property
@@ -146,6 +168,13 @@ class ModelConfig:
                     f"is not one of {NORMALIZATION_SCHEMES}"
                 )
         self._validate_intensity_properties()
+        names = {label.name for label in self.labels if label.value != 0}
+        for name, volume in self.postprocessing.min_volume_ml.items():
+            if name not in names:
+                raise ModelError(f"model {self.name!r}: post-processing names label {name!r}; the "
+                                 f"foreground labels are {sorted(names)}")
+            if not float(volume) >= 0:
+                raise ModelError(f"model {self.name!r}: minimum volume of {name!r} must be >= 0 ml")
         if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
             raise ModelError(f"model {self.name!r}: spacing must be 3 positive values (z, y, x)")
         self.network.validate()
@@ -193,6 +222,7 @@ class ModelConfig:
                 for item in data["labels"]
             ]
             kwargs["network"] = NetworkConfig(**data.get("network", {}))
+            kwargs["postprocessing"] = PostprocessingConfig(**data.get("postprocessing", {}))
             config = cls(**kwargs)
         except ModelError:
             raise

@@ -328,7 +328,7 @@ def parse_labels(specs: Sequence[str] | None, gt_dir: Path, gt_arrays: Sequence[
     return {str(v): int(v) for v in values}
 
 
-def _read_label(path: Path, what: str):
+def read_label_image(path: Path, what: str):
     import SimpleITK as sitk
 
     try:
@@ -381,8 +381,8 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, labels: Sequence[
     rows = []
     pending = []
     for case, gt_path in iterator:
-        gt_image = _read_label(gt_path, "ground truth")
-        pred_image = _read_label(pred_files[case], "prediction")
+        gt_image = read_label_image(gt_path, "ground truth")
+        pred_image = read_label_image(pred_files[case], "prediction")
         if label_map is None:
             pending.append((case, gt_image, pred_image))
             continue
@@ -413,7 +413,8 @@ def _case_rows(case, pred_image, gt_image, label_map) -> list[dict]:
 
 def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: str | None = "deformable",
                    heads: Sequence[str] | None = None, predictions_dir: str | Path | None = None,
-                   device: str = "auto", progress: bool = False) -> dict[str, EvaluationResult]:
+                   device: str = "auto", progress: bool = False, postprocess: bool = True
+                   ) -> dict[str, EvaluationResult]:
     """Segments every case of an nnU-Net raw data set with a model and scores each head.
 
     Heads: "fused" (all phases) and each phase alone (the model's own head for that phase, as when a
@@ -421,6 +422,7 @@ def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: st
     first (``register``: a :mod:`maml.registration` preset, "transforms" for the data set's
     transform files, or None to reject them); predictions are made on that grid and compared with
     the label map there. ``predictions_dir``: also write HEAD/CASE.nii.gz label maps.
+    ``postprocess``: apply the model's post-processing (off: the raw labels, e.g. to tune it).
     """
     import SimpleITK as sitk
 
@@ -450,7 +452,7 @@ def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: st
         images, label = load_case_images(dataset, model.config, case, register)
         for head in heads:
             inputs = images if head == "fused" else {head: images[head]}
-            prediction = predict_case(model, inputs, device=device)
+            prediction = predict_case(model, inputs, device=device, postprocess=postprocess)
             if predictions_dir is not None:
                 path = Path(predictions_dir) / head / f"{case}{dataset.file_ending}"
                 path.parent.mkdir(parents=True, exist_ok=True)

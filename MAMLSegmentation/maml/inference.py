@@ -200,11 +200,13 @@ def predict_case(
     keep_probabilities: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
+    postprocess: bool = True,
 ) -> CasePrediction:
     """Co-registered phase images (any non-empty subset of the model's phases) -> CasePrediction.
 
     Probabilities are accumulated on the model's grid; only the final maps are resampled to the
-    input grid, so memory follows the model's resolution.
+    input grid, so memory follows the model's resolution. ``postprocess``: apply the model's
+    post-processing (:mod:`maml.postprocessing`) to the labels (probabilities are left as they are).
     """
     from .preprocessing import (labels_from_probabilities, map_to_input_geometry,
                                 preprocess_phases, probabilities_to_input_geometry)
@@ -215,7 +217,12 @@ def predict_case(
     probabilities, heatmaps = sliding_window_predict(model.network, case.data, case.phases,
                                                      options, progress, cancel)
     probabilities = probabilities_to_input_geometry(probabilities, case)
-    labels = case.input_geometry.image_from_array(labels_from_probabilities(probabilities))
+    label_array = labels_from_probabilities(probabilities)
+    if postprocess and not model.config.postprocessing.is_identity:
+        from .postprocessing import postprocess as apply_postprocessing
+
+        label_array = apply_postprocessing(label_array, case.input_geometry.spacing_zyx, model.config)
+    labels = case.input_geometry.image_from_array(label_array)
     attention = {}
     if heatmaps is not None:
         for index, phase in enumerate(case.phases):

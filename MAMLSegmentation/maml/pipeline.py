@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -49,6 +49,7 @@ class SegmentOptions:
     # Phases that stay dissimilar after registration are most likely of different patients (or
     # scans): refused unless the user says otherwise.
     allow_poor_registration: bool = False
+    postprocess: bool = True  # the model's own post-processing (maml.postprocessing)
 
 
 @dataclass
@@ -160,7 +161,8 @@ def segment(
     report("inference", 0.0, "MAML inference")
     prediction = predict_case(
         loaded, on_reference, mirror=options.tta, device=str(device), batch_size=options.batch_size,
-        progress=lambda f: report("inference", f, "MAML inference"), cancel=cancel)
+        progress=lambda f: report("inference", f, "MAML inference"), cancel=cancel,
+        postprocess=options.postprocess)
     report.done("inference")
 
     report("statistics", 0.0, "tumor statistics")
@@ -173,6 +175,7 @@ def segment(
         "reference_phase": reference,
         "phases": list(phases),
         "head": prediction.head,
+        "postprocessing": (asdict(config.postprocessing) if options.postprocess else None),
         "registration": {"preset": options.registration, "phases": quality},
         "device": str(device) if device.type == "cpu" else f"{device} ({_gpu_name()})",
         "model": {

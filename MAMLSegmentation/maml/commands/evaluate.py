@@ -19,6 +19,8 @@ def configure(parser):
                         "every phase)")
     parser.add_argument("--save-predictions", metavar="DIR", help="with --model: write HEAD/CASE label maps")
     parser.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="with --model: score the raw labels (skip the model's post-processing)")
     parser.add_argument("--out", help="result file: writes OUT.json and OUT.csv (per case and label, "
                         "then mean and std)")
     parser.add_argument("--labels", nargs="+", metavar="[NAME=]VALUE",
@@ -36,12 +38,14 @@ def run(args) -> int:
             raise InputError("give --model and --dataset together (or --pred and --gt)")
         register = None if args.register == "none" else args.register
         results = evaluate_model(args.model, args.dataset, register, args.heads, args.save_predictions,
-                                 args.device, progress=not args.no_progress)
+                                 args.device, progress=not args.no_progress,
+                                 postprocess=not args.no_postprocessing)
         for head, result in results.items():
             print(f"head: {head}")
             print(result.table())
         if args.out:
-            info = {"model": str(args.model), "dataset": str(args.dataset), "register": args.register}
+            info = {"model": str(args.model), "dataset": str(args.dataset), "register": args.register,
+                    "postprocessing": not args.no_postprocessing}
             json_path, csv_path = write_model_results(results, args.out, info)
             print(f"wrote {json_path} and {csv_path}")
         return 0

@@ -23,6 +23,9 @@ def add_run_options(parser) -> None:
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
     parser.add_argument("--allow-poor-registration", action="store_true",
                         help="segment even when the phases stay dissimilar after registration")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="keep the raw labels (skip the model's post-processing, e.g. its "
+                             "minimum tumor size)")
     parser.add_argument("--no-overview", action="store_true", help="skip overview.png")
     parser.add_argument("--json-progress", action="store_true",
                         help="print progress as JSON lines on stdout (for other programs)")
@@ -39,7 +42,8 @@ def options_from(args):
     from ..pipeline import SegmentOptions
 
     return SegmentOptions(registration=args.register, reference=args.reference, device=args.device,
-                          tta=args.tta, allow_poor_registration=args.allow_poor_registration)
+                          tta=args.tta, allow_poor_registration=args.allow_poor_registration,
+                          postprocess=not args.no_postprocessing)
 
 
 def summary_lines(stats: dict) -> list[str]:
