@@ -61,6 +61,7 @@ class MAMLSegmentationParameterNode:
     registration: Annotated[str, Choice(["deformable", "rigid", "affine", "none"])] = "deformable"
     modelPath: pathlib.Path
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    postprocess: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     heatmapPhase: Annotated[str, Choice(["venous", "arterial"])] = "venous"
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -185,7 +186,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.run = self.logic.startSegmentation(
                 {"arterial": p.arterialVolume, "venous": p.venousVolume}, p.outputSegmentation,
-                self.modelFile(), p.registration, p.device, p.referencePhase)
+                self.modelFile(), p.registration, p.device, p.referencePhase, postprocess=p.postprocess)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Starting the engine..."
             self.timer.start()

@@ -369,6 +369,15 @@ def test_segment_command_line_follows_the_engine_contract(tmp_path):
                  "--reference venous", "--device cpu", f"--model {model}"]:
         assert part in joined
     assert command[-1] == "--json-progress"
+    assert "--no-postprocessing" not in command
+    # the engine's own parser accepts both commands, post-processing off included
+    from maml.cli import build_parser
+
+    raw = logic.buildSegmentCommand({"venous": "/t/v.nrrd"}, "/t/out", model, postprocess=False)
+    assert build_parser().parse_args(raw[3:]).no_postprocessing is True
+    assert build_parser().parse_args(command[3:]).no_postprocessing is False
+    batch = logic.buildSegmentBatchCommand("/t/in", "/t/out", model, postprocess=False)
+    assert batch[3] == "segment-batch" and build_parser().parse_args(batch[3:]).no_postprocessing is True
     env = logic.engineEnvironment()
     assert env["PYTHONPATH"].split(os.pathsep)[0].endswith("MAMLSegmentation")
     assert (Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "maml" / "cli.py").is_file()

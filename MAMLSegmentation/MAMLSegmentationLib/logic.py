@@ -300,26 +300,27 @@ class MAMLSegmentationLogic:
         return env
 
     def buildSegmentCommand(self, phasePaths: dict, outputDir, model=None, registration="deformable",
-                            referencePhase=None, device="auto") -> list:
+                            referencePhase=None, device="auto", postprocess=True) -> list:
         command = [*self.engineCommandPrefix(), "segment"]
         for phase, path in phasePaths.items():
             command += ["--phase", f"{phase}={path}"]
         command += ["--out", str(outputDir), "--register", registration, "--device", device]
         if referencePhase:
             command += ["--reference", referencePhase]
-        if model:
-            command += ["--model", str(model)]
-        command.append("--json-progress")
-        return command
+        return command + self._commonRunOptions(model, postprocess)
 
     def buildSegmentBatchCommand(self, inputDir, outputDir, model=None, registration="deformable",
-                                 device="auto") -> list:
+                                 device="auto", postprocess=True) -> list:
         command = [*self.engineCommandPrefix(), "segment-batch", "--input", str(inputDir),
                    "--out", str(outputDir), "--register", registration, "--device", device]
-        if model:
-            command += ["--model", str(model)]
-        command.append("--json-progress")
-        return command
+        return command + self._commonRunOptions(model, postprocess)
+
+    @staticmethod
+    def _commonRunOptions(model, postprocess: bool) -> list:
+        options = ["--model", str(model)] if model else []
+        if not postprocess:
+            options.append("--no-postprocessing")
+        return options + ["--json-progress"]
 
     def modelInfo(self, model=None, timeout: float = 120) -> dict:
         """The model's configuration (``maml info MODEL --json``): phases, labels, intended use."""
@@ -407,7 +408,7 @@ class MAMLSegmentationLogic:
     # --- running --------------------------------------------------------------------------------
     def startSegmentation(self, phaseNodes: dict, outputSegmentation=None, model=None,
                           registration="deformable", device="auto", referencePhase=None,
-                          outputDirectory=None) -> SegmentationRun:
+                          outputDirectory=None, postprocess=True) -> SegmentationRun:
         """Check inputs, write them to a temporary folder and start the engine; returns at once."""
         phases, referencePhase = self.checkInputs(phaseNodes, registration, device, referencePhase,
                                                   outputSegmentation)
@@ -424,7 +425,8 @@ class MAMLSegmentationLogic:
                 phasePaths[phase] = path
             keep = outputDirectory is not None
             outputDir = Path(outputDirectory) if keep else tempDir / "output"
-            command = self.buildSegmentCommand(phasePaths, outputDir, model, registration, referencePhase, device)
+            command = self.buildSegmentCommand(phasePaths, outputDir, model, registration, referencePhase,
+                                               device, postprocess)
             process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -434,16 +436,18 @@ class MAMLSegmentationLogic:
 
     def segment(self, phaseNodes: dict, outputSegmentation=None, model=None, registration="deformable",
                 device="auto", waitForCompletion=True, referencePhase=None, outputDirectory=None,
-                progressCallback=None):
-        """Segment; blocking by default (returns a SegmentationResult), else a SegmentationRun."""
+                progressCallback=None, postprocess=True):
+        """Segment; blocking by default (returns a SegmentationResult), else a SegmentationRun.
+
+        ``postprocess=False`` keeps the network's raw labels (skips the model's post-processing)."""
         run = self.startSegmentation(phaseNodes, outputSegmentation, model, registration, device,
-                                     referencePhase, outputDirectory)
+                                     referencePhase, outputDirectory, postprocess)
         if not waitForCompletion:
             return run
         return run.wait(progressCallback=progressCallback or _printProgress)
 
     def segmentFolder(self, inputDir, outputDir, model=None, registration="deformable", device="auto",
-                      waitForCompletion=True, progressCallback=None):
+                      waitForCompletion=True, progressCallback=None, postprocess=True):
         """``maml segment-batch`` over many cases; files in, files out (no nodes).
 
         ``inputDir``: an nnU-Net raw folder (imagesTs/CASE_0000.nii.gz = arterial, CASE_0001 = venous)
@@ -461,7 +465,8 @@ class MAMLSegmentationLogic:
             raise MAMLSegmentationError(f"Unknown device '{device}'.")
         model = self.resolveModel(model)
         Path(outputDir).mkdir(parents=True, exist_ok=True)
-        command = self.buildSegmentBatchCommand(inputDir, outputDir, model, registration, device)
+        command = self.buildSegmentBatchCommand(inputDir, outputDir, model, registration, device,
+                                                postprocess)
         process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         run = SegmentationRun(process, None, Path(outputDir), True, None, {}, "", None, importResults=False)
         if not waitForCompletion:
