@@ -88,7 +88,10 @@ def test_info_command_prints_configuration(checkpoint, capsys):
     assert [l["name"] for l in info["labels"]] == ["background", "class1", "class2"]
     assert info["metadata"]["epochs"] == 3
     assert main(["info", str(checkpoint[0])]) == 0
-    assert "arterial, venous" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "arterial, venous" in text
+    assert "post-processing: none" in text and "normalisation:" in text
+    assert all(": " in line for line in text.splitlines())
 
 
 def test_info_command_on_missing_model_exits_non_zero(tmp_path, capsys):

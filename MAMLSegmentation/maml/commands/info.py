@@ -17,19 +17,34 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(description, indent=2))
         return 0
-    print(f"model:        {description['name']}")
-    print(f"file:         {description['path']}")
-    print(f"sha256:       {description['sha256']}")
-    print(f"phases:       {', '.join(description['phases'])}")
-    labels = ", ".join(f"{l['value']}={l['name']}" for l in description["labels"])
-    print(f"labels:       {labels}")
     config = description["config"]
-    print(f"spacing:      {config['spacing']} mm (z, y, x)")
-    print(f"patch size:   {config['patch_size']} (z, y, x)")
-    print(f"network:      base {config['network']['base_features']} features, "
-          f"{len(config['network']['strides'])} stages, MA variant {config['network']['ma_variant']}, "
-          f"{description['parameters']:,} parameters")
-    print(f"intended use: {description['intended_use']}")
-    for key, value in description["metadata"].items():
-        print(f"{key + ':':<14}{value}")
+    network = config["network"]
+    rows = [
+        ("model", description["name"]),
+        ("file", description["path"]),
+        ("sha256", description["sha256"]),
+        ("phases", ", ".join(description["phases"])),
+        ("labels", ", ".join(f"{l['value']}={l['name']}" for l in description["labels"])),
+        ("spacing", f"{config['spacing']} mm (z, y, x)"),
+        ("patch size", f"{config['patch_size']} (z, y, x)"),
+        ("network", f"base {network['base_features']} features, {len(network['strides'])} stages, "
+                    f"MA variant {network['ma_variant']}, {description['parameters']:,} parameters"),
+        ("normalisation", ", ".join(f"{phase} {scheme}" for phase, scheme in
+                                    config["normalization"].items())),
+        ("post-processing", _describe_postprocessing(config.get("postprocessing") or {})),
+        ("intended use", description["intended_use"]),
+    ]
+    width = max(len(key) for key, _ in rows) + 2  # long metadata keys just get one space
+    for key, value in [*rows, *description["metadata"].items()]:
+        print(f"{str(key) + ':':<{width}}{value}" if len(str(key)) + 1 < width
+              else f"{key}: {value}")
     return 0
+
+
+def _describe_postprocessing(settings: dict) -> str:
+    parts = []
+    if settings.get("largest_component"):
+        parts.append("largest foreground component")
+    parts += [f"{name} >= {volume:g} ml" for name, volume in settings.get("min_volume_ml", {}).items()
+              if volume > 0]
+    return ", ".join(parts) or "none"
