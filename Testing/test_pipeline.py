@@ -66,6 +66,7 @@ def test_segment_both_phases_writes_every_output_in_the_reference_geometry(tiny_
     stats = json.loads((out / "stats.json").read_text())
     assert stats["reference_phase"] == "venous" and stats["head"] == "fused"
     assert stats["model"]["name"] == "tiny" and len(stats["model"]["sha256"]) == 64
+    assert stats["postprocessing"] == {"largest_component": False, "min_volume_ml": {}}  # the model's
     assert set(stats["timings"]) == {"load", "register", "inference", "statistics", "write"}
     assert stats["registration"]["phases"]["arterial"]["after"] > stats["registration"]["phases"]["arterial"]["before"]
     assert stats["tumor_count"] == len(stats["tumors"])
