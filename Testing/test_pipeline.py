@@ -61,6 +61,10 @@ def test_segment_both_phases_writes_every_output_in_the_reference_geometry(tiny_
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
     heat = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "attention_arterial.nii.gz")))
     assert heat.min() >= 0 and heat.max() <= 1
+    # set to 0 in air (constant input after clipping: the attention there means nothing), kept inside
+    air = sitk.GetArrayFromImage(venous) < -500
+    assert air.any() and (~air).any()
+    assert (heat[air] == 0).all() and (heat[~air] > 0).mean() > 0.99
     sitk.ReadTransform(str(out / "transform_arterial.h5"))
 
     stats = json.loads((out / "stats.json").read_text())

@@ -163,6 +163,7 @@ def segment(
         loaded, on_reference, mirror=options.tta, device=str(device), batch_size=options.batch_size,
         progress=lambda f: report("inference", f, "MAML inference"), cancel=cancel,
         postprocess=options.postprocess)
+    attention = mask_attention_outside_body(prediction.attention, on_reference[reference], config)
     report.done("inference")
 
     report("statistics", 0.0, "tumor statistics")
@@ -187,8 +188,31 @@ def segment(
         "host": platform.node(),
         "timings": dict(report.timings),
     })
-    return SegmentationResult(prediction.labels, prediction.attention, on_reference, transforms,
+    return SegmentationResult(prediction.labels, attention, on_reference, transforms,
                               reference, stats, label_names)
+
+
+# Air: CT voxels below this are outside the body (air is about -1000 HU, fat -100, lung -800..-600).
+BODY_HU = -500.0
+
+
+def mask_attention_outside_body(attention: dict[str, sitk.Image], reference_image: sitk.Image,
+                                config) -> dict[str, sitk.Image]:
+    """Attention maps set to 0 in air (reference phase below BODY_HU), for CT models only.
+
+    Normalisation clips air and fat to one value, so there the network sees a constant input and its
+    attention is an artefact (stripes from the upsampling) that would distract in a heatmap."""
+    if not attention or any(config.normalization[p] not in ("ct", "ct_dataset") for p in attention):
+        return attention
+    air = sitk.GetArrayFromImage(reference_image) < BODY_HU
+    masked = {}
+    for phase, image in attention.items():
+        values = sitk.GetArrayFromImage(image)
+        values[air] = 0.0
+        out = sitk.GetImageFromArray(values)
+        out.CopyInformation(image)
+        masked[phase] = out
+    return masked
 
 
 def _gpu_name() -> str:
