@@ -232,6 +232,11 @@ def _source_stamp(paths: Sequence[Path]) -> list[list]:
     return [[str(p), p.stat().st_size, int(p.stat().st_mtime_ns)] for p in paths]
 
 
+def case_seed(case: str) -> int:
+    """A seed fixed by the case id: per-case sampling does not depend on case order or rank."""
+    return int.from_bytes(hashlib.sha256(case.encode()).digest()[:4], "little")
+
+
 def foreground_locations(seg: np.ndarray, classes: Sequence[int], seed: int = 0,
                          max_samples: int = MAX_FOREGROUND_SAMPLES) -> dict[int, np.ndarray]:
     """Up to ``max_samples`` random voxel coordinates (N, 3) per class present in ``seg``."""
@@ -389,7 +394,7 @@ def dataset_intensity_properties(dataset: RawDataset, config: ModelConfig, cases
     for case in iterator:
         images, label = load_case_images(dataset, config, case, register)
         foreground = sitk.GetArrayViewFromImage(label) > 0
-        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(case.encode()).digest()[:4], "little"))
+        rng = np.random.default_rng(case_seed(case))
         for phase in phases:
             values = sitk.GetArrayViewFromImage(images[phase])[foreground]
             if values.size > MAX_FOREGROUND_SAMPLES:
@@ -459,8 +464,7 @@ class PreprocessedCache:
         for case in iterator:
             data, seg, meta = preprocess_case(self.dataset, self.config, case, self.register)
             paths = self.paths(case)
-            seed = int.from_bytes(hashlib.sha256(case.encode()).digest()[:4], "little")
-            fg = foreground_locations(seg, classes, seed)
+            fg = foreground_locations(seg, classes, case_seed(case))
             _atomic_save_npy(paths["data"], data.astype(np.float32, copy=False))
             _atomic_save_npy(paths["seg"], seg)
             _atomic_save_npz(paths["fg"], {f"class_{k}": v for k, v in fg.items()})

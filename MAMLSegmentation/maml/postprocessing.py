@@ -79,17 +79,6 @@ def postprocess(labels: np.ndarray, spacing_zyx: Sequence[float], config: ModelC
     return out
 
 
-def postprocess_image(image, config: ModelConfig, settings: PostprocessingConfig | None = None):
-    """The same on a SimpleITK label image; returns a new image in the same geometry."""
-    import SimpleITK as sitk
-
-    array = postprocess(sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing())), config,
-                        settings)
-    out = sitk.GetImageFromArray(array.astype(np.uint8))
-    out.CopyInformation(image)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Choosing the settings on validation cases
 # --------------------------------------------------------------------------------------------------
