@@ -27,7 +27,7 @@ import numpy as np
 
 from .config import NORMALIZATION_SCHEMES, Label, ModelConfig
 from .errors import InputError
-from .io import atomic_path, write_bytes_atomic
+from .io import atomic_path, write_text_atomic
 
 CACHE_VERSION = 1
 MAX_FOREGROUND_SAMPLES = 10000  # per class and case, as nnU-Net
@@ -222,10 +222,6 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as temporary, open(temporary, "wb") as stream:
         np.savez(stream, **arrays)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    write_bytes_atomic(text.encode(), path)
 
 
 def _source_stamp(paths: Sequence[Path]) -> list[list]:
@@ -438,7 +434,7 @@ class PreprocessedCache:
                 for path in self.folder.iterdir():
                     if path.is_file():
                         path.unlink()
-        atomic_write_text(plan_path, json.dumps(self.plan, indent=2))
+        write_text_atomic(plan_path, json.dumps(self.plan, indent=2))
 
     def is_current(self, case: str) -> bool:
         paths = self.paths(case)
@@ -468,7 +464,7 @@ class PreprocessedCache:
             _atomic_save_npy(paths["data"], data.astype(np.float32, copy=False))
             _atomic_save_npy(paths["seg"], seg)
             _atomic_save_npz(paths["fg"], {f"class_{k}": v for k, v in fg.items()})
-            atomic_write_text(paths["meta"], json.dumps(meta, indent=1))  # last: marks it complete
+            write_text_atomic(paths["meta"], json.dumps(meta, indent=1))  # last: marks it complete
         return len(todo)
 
     def load(self, case: str, mmap: bool = True) -> CaseData:

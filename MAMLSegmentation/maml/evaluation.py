@@ -259,14 +259,10 @@ def _json_safe(value):
     return value
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    from .io import write_bytes_atomic
-
-    write_bytes_atomic(text.encode(), path)
-
-
 def write_results(result: EvaluationResult, out: str | Path) -> tuple[Path, Path]:
     """Writes OUT.json and OUT.csv (``out`` may end in .json, .csv or neither)."""
+    from .io import write_text_atomic  # lazily: SimpleITK stays unloaded for pure scoring
+
     out = Path(out)
     stem = out.with_suffix("") if out.suffix.lower() in (".json", ".csv") else out
     json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
@@ -471,6 +467,8 @@ def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: st
 def write_model_results(results: Mapping[str, EvaluationResult], out: str | Path,
                         info: Mapping | None = None) -> tuple[Path, Path]:
     """OUT.json ({"heads": {head: result}}) and OUT.csv (a head column first)."""
+    from .io import write_text_atomic  # lazily: SimpleITK stays unloaded for pure scoring
+
     out = Path(out)
     stem = out.with_suffix("") if out.suffix.lower() in (".json", ".csv") else out
     json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")

@@ -395,6 +395,11 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     return target
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`write_bytes_atomic`)."""
+    return write_bytes_atomic(text.encode("utf-8"), path)
+
+
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and :func:`os.replace`."""
     target = Path(path)

@@ -43,12 +43,12 @@ from torch import nn
 
 from . import __version__
 from .config import ModelConfig
-from .data import (CaseData, PatchDataset, PreprocessedCache, atomic_write_text, build_augmentation,
+from .data import (CaseData, PatchDataset, PreprocessedCache, build_augmentation,
                    config_for_dataset, dataset_intensity_properties, item_seed, read_dataset,
                    split_cases)
 from .errors import InputError, MAMLError
 from .evaluation import evaluate_arrays
-from .io import atomic_path
+from .io import atomic_path, write_text_atomic
 from .losses import MutualLearningLoss
 from .model import save_checkpoint
 from .network import MAMLNet
@@ -294,7 +294,7 @@ def write_logs(out_dir: Path, rows: list[dict]) -> None:
     import csv
     import io
 
-    atomic_write_text(out_dir / "log.jsonl",
+    write_text_atomic(out_dir / "log.jsonl",
                       "".join(json.dumps({k: _finite(v) for k, v in r.items()}) + "\n" for r in rows))
     columns: list[str] = []
     for row in rows:
@@ -304,7 +304,7 @@ def write_logs(out_dir: Path, rows: list[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    atomic_write_text(out_dir / "log.csv", stream.getvalue())
+    write_text_atomic(out_dir / "log.csv", stream.getvalue())
 
 
 def read_log(out_dir: Path) -> list[dict]:
@@ -695,11 +695,11 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
                 best_meta = dict(metadata, epoch=epoch + 1)
                 save_checkpoint(out_dir / "checkpoint_best.pt", net, config, best_meta)
                 if validation is not None:
-                    atomic_write_text(out_dir / "validation_best.json",
+                    write_text_atomic(out_dir / "validation_best.json",
                                       json.dumps(_json_ready(dict(validation, epoch=epoch + 1)), indent=1))
             save_checkpoint(out_dir / "checkpoint_latest.pt", net, config, dict(metadata, epoch=epoch + 1))
             if validation is not None:
-                atomic_write_text(out_dir / "validation_latest.json",
+                write_text_atomic(out_dir / "validation_latest.json",
                                   json.dumps(_json_ready(dict(validation, epoch=epoch + 1)), indent=1))
             save_state(out_dir / STATE_FILE, {
                 "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch + 1,

@@ -16,13 +16,11 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    import json
-    from pathlib import Path
-
     import SimpleITK as sitk
 
     from ..errors import InputError
-    from ..evaluation import read_label_image, label_files, write_text_atomic
+    from ..evaluation import label_files, read_label_image
+    from ..io import write_json
     from ..model import load_model, save_checkpoint
     from ..postprocessing import ValidationCase, tune
 
@@ -57,7 +55,7 @@ def run(args) -> int:
                               "min_volume_ml": chosen.min_volume_ml},
                    "baseline_mean_dice": result.baseline_dice, "mean_dice": result.mean_dice,
                    "steps": result.steps}
-        write_text_atomic(Path(args.report), json.dumps(payload, indent=2))
+        write_json(payload, args.report)
     if args.write:
         config = model.config
         config.postprocessing = chosen
