@@ -11,6 +11,10 @@ from maml.network import MAMLNet
 PATCH = [8, 16, 16]
 
 
+def maps(windowed):
+    return windowed.probabilities, windowed.heatmaps
+
+
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(1)
@@ -19,15 +23,15 @@ def net():
 
 def test_single_patch_volume_equals_plain_forward(net):
     data = np.random.default_rng(0).normal(size=(2, *PATCH)).astype(np.float32)
-    probabilities, heatmaps = sliding_window_predict(net, data, net.phases, SlidingWindowOptions(PATCH))
-    expected, expected_heat = net.predict(torch.from_numpy(data)[None])
+    probabilities, heatmaps = maps(sliding_window_predict(net, data, net.phases, SlidingWindowOptions(PATCH)))
+    expected, expected_heat = net.predict(torch.from_numpy(data)[None])[:2]
     np.testing.assert_allclose(probabilities, expected[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(heatmaps, expected_heat[0].numpy(), atol=1e-5)
 
 
 def test_single_phase_volume_equals_that_heads_forward(net):
     data = np.random.default_rng(1).normal(size=(1, *PATCH)).astype(np.float32)
-    probabilities, heatmaps = sliding_window_predict(net, data, ["arterial"], SlidingWindowOptions(PATCH))
+    probabilities, heatmaps = maps(sliding_window_predict(net, data, ["arterial"], SlidingWindowOptions(PATCH)))
     _, logits = net.backbones["arterial"](torch.from_numpy(data)[None])
     assert heatmaps is None
     np.testing.assert_allclose(probabilities, torch.softmax(logits[0], 1)[0].detach().numpy(), atol=1e-5)
@@ -36,8 +40,8 @@ def test_single_phase_volume_equals_that_heads_forward(net):
 def test_large_volume_probabilities_and_heatmaps_are_valid(net):
     data = np.random.default_rng(2).normal(size=(2, 13, 37, 29)).astype(np.float32)
     fractions = []
-    probabilities, heatmaps = sliding_window_predict(
-        net, data, net.phases, SlidingWindowOptions(PATCH, batch_size=3), progress=fractions.append)
+    probabilities, heatmaps = maps(sliding_window_predict(
+        net, data, net.phases, SlidingWindowOptions(PATCH, batch_size=3), progress=fractions.append))
     assert probabilities.shape == (3, 13, 37, 29) and probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)
     assert heatmaps.shape == (2, 13, 37, 29)
@@ -47,18 +51,18 @@ def test_large_volume_probabilities_and_heatmaps_are_valid(net):
 
 def test_small_volume_is_padded_and_cropped_back(net):
     data = np.random.default_rng(3).normal(size=(2, 5, 11, 9)).astype(np.float32)
-    probabilities, heatmaps = sliding_window_predict(net, data, net.phases, SlidingWindowOptions(PATCH))
+    probabilities, heatmaps = maps(sliding_window_predict(net, data, net.phases, SlidingWindowOptions(PATCH)))
     assert probabilities.shape == (3, 5, 11, 9) and heatmaps.shape == (2, 5, 11, 9)
 
 
 def test_mirroring_averages_all_eight_flips(net):
     data = torch.randn(1, 2, *PATCH)
-    probabilities, _ = sliding_window_predict(net, data[0].numpy(), net.phases,
-                                              SlidingWindowOptions(PATCH, mirror=True))
+    probabilities = sliding_window_predict(net, data[0].numpy(), net.phases,
+                                           SlidingWindowOptions(PATCH, mirror=True)).probabilities
     expected = 0
     for axes in [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]:
         flipped = torch.flip(data, axes) if axes else data
-        p, _ = net.predict(flipped)
+        p = net.predict(flipped).probabilities
         expected = expected + (torch.flip(p, axes) if axes else p)
     np.testing.assert_allclose(probabilities, (expected / 8)[0].numpy(), atol=1e-5)
 

@@ -61,9 +61,9 @@ def test_fused_head_learns_the_cross_phase_target():
     for _ in range(4):
         phases, truth = make_volume(rng)
         truth = truth.astype(bool)
-        probabilities, _ = sliding_window_predict(net, phases, ["A", "B"], SlidingWindowOptions(SHAPE))
+        probabilities = sliding_window_predict(net, phases, ["A", "B"], SlidingWindowOptions(SHAPE)).probabilities
         fused.append(dice(probabilities.argmax(0) == 1, truth))
-        probabilities, _ = sliding_window_predict(net, phases[:1], ["A"], SlidingWindowOptions(SHAPE))
+        probabilities = sliding_window_predict(net, phases[:1], ["A"], SlidingWindowOptions(SHAPE)).probabilities
         single.append(dice(probabilities.argmax(0) == 1, truth))
     assert np.mean(fused) > 0.9, fused
     # Phase A alone cannot separate the target from its decoys.

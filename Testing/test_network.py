@@ -34,7 +34,7 @@ def test_shapes_for_any_number_of_phases(phases):
     assert set(out.attention) == set(phases)
     assert out.attention[phases[0]].shape == (2, 4, 8, 16, 16)
 
-    probabilities, heatmaps = net.eval().predict(x)
+    probabilities, heatmaps = net.eval().predict(x)[:2]
     assert probabilities.shape == (2, 3, 8, 16, 16)
     assert torch.allclose(probabilities.sum(1), torch.ones(2, 8, 16, 16), atol=1e-5)
     assert heatmaps.shape == (2, len(phases), 8, 16, 16)
@@ -50,7 +50,7 @@ def test_eval_forward_skips_deep_supervision_heads():
 def test_missing_phase_uses_that_phases_own_head():
     net = MAMLNet(tiny_config()).eval()
     x = torch.randn(1, 1, 8, 16, 16)
-    probabilities, heatmaps = net.predict(x, ["venous"])
+    probabilities, heatmaps = net.predict(x, ["venous"])[:2]
     _, own_logits = net.backbones["venous"](x)
     assert heatmaps is None
     assert torch.allclose(probabilities, torch.softmax(own_logits[0], 1), atol=1e-6)
@@ -63,7 +63,7 @@ def test_subset_of_phases_averages_present_heads_and_skips_absent_ones():
     for name, backbone in net.backbones.items():
         backbone.register_forward_hook(lambda *_, name=name: called.append(name))
     x = torch.randn(1, 2, 8, 16, 16)
-    probabilities, heatmaps = net.predict(x, ["flair", "t1ce"])  # any order, model order used
+    probabilities, heatmaps = net.predict(x, ["flair", "t1ce"])[:2]  # any order, model order used
     assert called == ["t1ce", "flair"]
     expected = (torch.softmax(net.backbones["t1ce"](x[:, :1])[1][0], 1)
                 + torch.softmax(net.backbones["flair"](x[:, 1:])[1][0], 1)) / 2
@@ -74,8 +74,8 @@ def test_subset_of_phases_averages_present_heads_and_skips_absent_ones():
 def test_fused_path_differs_from_each_single_head():
     net = MAMLNet(tiny_config()).eval()
     x = torch.randn(1, 2, 8, 16, 16)
-    fused, _ = net.predict(x)
-    venous_only, _ = net.predict(x[:, 1:], ["venous"])
+    fused = net.predict(x).probabilities
+    venous_only = net.predict(x[:, 1:], ["venous"]).probabilities
     assert not torch.allclose(fused, venous_only)
 
 

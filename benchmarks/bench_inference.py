@@ -39,15 +39,16 @@ def run_method(method: str, size, patch, queue) -> None:
     if method == "maml":
         from maml.inference import SlidingWindowOptions, sliding_window_predict
 
-        probabilities, _ = sliding_window_predict(
-            net, data, net.phases, SlidingWindowOptions(patch, overlap=0.5, batch_size=2, device="cpu"))
+        probabilities = sliding_window_predict(
+            net, data, net.phases,
+            SlidingWindowOptions(patch, overlap=0.5, batch_size=2, device="cpu")).probabilities
     else:
         from monai.inferers import sliding_window_inference
 
         with torch.inference_mode():
             probabilities, _ = sliding_window_inference(
                 torch.from_numpy(data)[None], roi_size=patch, sw_batch_size=2,
-                predictor=lambda x: net.predict(x), overlap=0.5, mode="gaussian",
+                predictor=lambda x: tuple(net.predict(x)[:2]), overlap=0.5, mode="gaussian",
                 sigma_scale=0.125, padding_mode="constant")
         probabilities = probabilities[0].numpy()
     seconds = time.perf_counter() - start

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
-from .network import MAMLNet
+from .network import MAMLNet, WindowOutput
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -107,20 +107,38 @@ def _inference_layout(net: MAMLNet):
 
 
 def _predict_window(net: MAMLNet, batch: torch.Tensor, phases: Sequence[str], mirror: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    probabilities, heatmaps = None, None
+                    ) -> WindowOutput:
+    """The mean of the network's outputs over the mirrored copies of the batch; the bottleneck
+    features are those of the unflipped batch (the out-of-distribution statistics are taken so)."""
     flips = _mirror_axes(mirror)
+    total: list[torch.Tensor | None] | None = None
+    bottleneck = None
     for axes in flips:
-        x = torch.flip(batch, axes) if axes else batch
-        p, h = net.predict(x, phases)
-        if axes:
-            p = torch.flip(p, axes)
-            h = torch.flip(h, axes) if h is not None else None
-        probabilities = p if probabilities is None else probabilities + p
-        if h is not None:
-            heatmaps = h if heatmaps is None else heatmaps + h
+        out = net.predict(torch.flip(batch, axes) if axes else batch, phases)
+        maps = [torch.flip(m, axes) if (axes and m is not None) else m for m in out[:3]]
+        total = maps if total is None else [t + m if m is not None else None for t, m in zip(total, maps)]
+        if bottleneck is None:
+            bottleneck = out.bottleneck
     scale = 1.0 / len(flips)
-    return probabilities * scale, (heatmaps * scale if heatmaps is not None else None)
+    probabilities, heatmaps, disagreement = (m * scale if m is not None else None for m in total)
+    return WindowOutput(probabilities, heatmaps, disagreement, bottleneck)
+
+
+@dataclass
+class WindowedPrediction:
+    """Outputs of a sliding-window pass on the model grid (float32 numpy on the CPU).
+
+    probabilities (K, z, y, x); heatmaps (P, z, y, x) and disagreement (z, y, x) when the fused head
+    ran, else None; per window: the pooled bottleneck features (W, P, C), its start in the padded
+    volume and the fraction of its voxels inside ``body`` (NaN when no body mask was given).
+    """
+
+    probabilities: np.ndarray
+    heatmaps: np.ndarray | None
+    disagreement: np.ndarray | None
+    window_features: np.ndarray
+    window_starts: list[tuple[int, int, int]]
+    window_body_fraction: np.ndarray
 
 
 def sliding_window_predict(
@@ -130,11 +148,11 @@ def sliding_window_predict(
     options: SlidingWindowOptions,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities (K, z, y, x) and heatmaps (P, z, y, x) or None, float32 numpy on the CPU.
-
-    ``data`` is (P, z, y, x), one normalised channel per present phase in model order.
-    Cancellation is checked between window batches and raises ``CancelledError``.
+    body: np.ndarray | None = None,
+) -> WindowedPrediction:
+    """Sliding-window inference of ``data`` (P, z, y, x), one normalised channel per present phase
+    in model order. ``body``: an optional (z, y, x) mask of the voxels inside the body, for each
+    window's body fraction. Cancellation is checked between window batches (``CancelledError``).
     """
     device = resolve_device(options.device)
     volume = torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float32)
@@ -142,6 +160,10 @@ def sliding_window_predict(
         raise InputError(f"inference input must be (phases, z, y, x), got shape {tuple(volume.shape)}")
     patch = [int(p) for p in options.patch_size]
     volume, crop = _pad_to_patch(volume, patch)
+    body_mask = None
+    if body is not None:
+        body_mask, _ = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch)
+        body_mask = body_mask[0]
     shape = volume.shape[1:]
     starts = list(itertools.product(*(window_starts(s, p, options.overlap) for s, p in zip(shape, patch))))
 
@@ -150,7 +172,9 @@ def sliding_window_predict(
     fused = len(phases) == len(net.phases)
     probabilities = torch.zeros((net.num_classes, *shape), dtype=torch.float32, device=device)
     heatmaps = torch.zeros((len(phases), *shape), dtype=torch.float32, device=device) if fused else None
+    disagreement = torch.zeros((1, *shape), dtype=torch.float32, device=device) if fused else None
     weight_sum = torch.zeros(shape, dtype=torch.float32, device=device)
+    features, body_fraction = [], []
     autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
 
     # The layout change happens outside inference mode, so the weights stay usable for training.
@@ -162,33 +186,59 @@ def sliding_window_predict(
             regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in group]
             batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            p, h = _predict_window(net, batch, phases, options.mirror)
+            out = _predict_window(net, batch, phases, options.mirror)
+            features.append(out.bottleneck.float().cpu())
             for i, region in enumerate(regions):  # in place: no temporaries per window
-                probabilities[(slice(None), *region)].addcmul_(p[i].float(), weight)
+                probabilities[(slice(None), *region)].addcmul_(out.probabilities[i].float(), weight)
                 if heatmaps is not None:
-                    heatmaps[(slice(None), *region)].addcmul_(h[i].float(), weight)
+                    heatmaps[(slice(None), *region)].addcmul_(out.heatmaps[i].float(), weight)
+                    disagreement[(slice(None), *region)].addcmul_(out.disagreement[i].float(), weight)
                 weight_sum[region] += weight
+                body_fraction.append(float(body_mask[region].mean()) if body_mask is not None
+                                     else math.nan)
             if progress is not None:
                 progress(min(first + options.batch_size, len(starts)) / len(starts))
 
-    probabilities /= weight_sum
-    probabilities = probabilities[(slice(None), *crop)].cpu().numpy()
-    if heatmaps is not None:
-        heatmaps /= weight_sum
-        heatmaps = heatmaps[(slice(None), *crop)].cpu().numpy()
-    return probabilities, heatmaps
+    def finish(accumulated: torch.Tensor | None) -> np.ndarray | None:
+        if accumulated is None:
+            return None
+        accumulated /= weight_sum
+        return accumulated[(slice(None), *crop)].cpu().numpy()
+
+    return WindowedPrediction(
+        finish(probabilities), finish(heatmaps),
+        None if disagreement is None else finish(disagreement)[0],
+        torch.cat(features).numpy(), starts, np.asarray(body_fraction, dtype=np.float64))
 
 
 @dataclass
 class CasePrediction:
     """Outputs in the input geometry: labels (UInt8), heatmaps per phase (float32 in [0, 1], only
-    when the fused head ran), class probabilities (K, Z, Y, X) when asked for."""
+    when the fused head ran), the uncertainty map (float32 in [0, 1]), class probabilities
+    (K, Z, Y, X) when asked for; and, per window, the pooled bottleneck features and body fraction
+    (see :class:`WindowedPrediction`) for the out-of-distribution check."""
 
     labels: "sitk.Image"
     attention: dict[str, "sitk.Image"]
     probabilities: np.ndarray | None
     phases: list[str]
     head: str  # "fused", "<phase>" or "mean(<phases>)": which output produced the labels
+    uncertainty: "sitk.Image | None" = None
+    window_features: np.ndarray | None = None
+    window_body_fraction: np.ndarray | None = None
+
+
+def uncertainty_map(probabilities: np.ndarray, disagreement: np.ndarray | None) -> np.ndarray:
+    """Per voxel in [0, 1]: the normalised entropy H of the class probabilities (K, ...), combined
+    with the heads' disagreement D (mean Jensen-Shannon divergence of each phase's head from the
+    fused head, in bits) as 1 - (1 - H)(1 - D): either one alone can make a voxel uncertain."""
+    k = probabilities.shape[0]
+    p = np.clip(probabilities, 1e-12, 1.0)
+    entropy = -(p * np.log(p)).sum(0) / math.log(k)
+    entropy = np.clip(entropy, 0.0, 1.0)
+    if disagreement is None:
+        return entropy.astype(np.float32)
+    return (1.0 - (1.0 - entropy) * (1.0 - np.clip(disagreement, 0.0, 1.0))).astype(np.float32)
 
 
 def predict_case(
@@ -214,9 +264,11 @@ def predict_case(
     case = preprocess_phases(images, model.config)
     options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=device,
                                    batch_size=batch_size)
-    probabilities, heatmaps = sliding_window_predict(model.network, case.data, case.phases,
-                                                     options, progress, cancel)
-    probabilities = probabilities_to_input_geometry(probabilities, case)
+    windowed = sliding_window_predict(model.network, case.data, case.phases, options, progress,
+                                      cancel, body=case.body)
+    uncertainty = map_to_input_geometry(
+        uncertainty_map(windowed.probabilities, windowed.disagreement), case)
+    probabilities = probabilities_to_input_geometry(windowed.probabilities, case)
     label_array = labels_from_probabilities(probabilities)
     if postprocess and not model.config.postprocessing.is_identity:
         from .postprocessing import postprocess as apply_postprocessing
@@ -224,9 +276,9 @@ def predict_case(
         label_array = apply_postprocessing(label_array, case.input_geometry.spacing_zyx, model.config)
     labels = case.input_geometry.image_from_array(label_array)
     attention = {}
-    if heatmaps is not None:
+    if windowed.heatmaps is not None:
         for index, phase in enumerate(case.phases):
-            attention[phase] = map_to_input_geometry(heatmaps[index], case)
+            attention[phase] = map_to_input_geometry(windowed.heatmaps[index], case)
     if len(case.phases) == len(model.config.phases):
         head = "fused"
     elif len(case.phases) == 1:
@@ -234,4 +286,5 @@ def predict_case(
     else:
         head = f"mean({', '.join(case.phases)})"
     return CasePrediction(labels, attention, probabilities if keep_probabilities else None,
-                          case.phases, head)
+                          case.phases, head, uncertainty, windowed.window_features,
+                          windowed.window_body_fraction)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -107,9 +107,13 @@ class PhaseUNet(nn.Module):
         self.encoder = Encoder(in_channels, net)
         self.decoder = Decoder(net, num_classes)
 
-    def forward(self, x: torch.Tensor, deep_supervision: bool = False
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.decoder(self.encoder(x), deep_supervision)
+    def forward(self, x: torch.Tensor, deep_supervision: bool = False,
+                return_bottleneck: bool = False):
+        """(last decoder features, logits full resolution first), plus the deepest encoder stage's
+        output when ``return_bottleneck``."""
+        skips = self.encoder(x)
+        features, logits = self.decoder(skips, deep_supervision)
+        return (features, logits, skips[-1]) if return_bottleneck else (features, logits)
 
 
 def he_init(module: nn.Module) -> None:
@@ -158,6 +162,25 @@ class MAMLOutput:
     phase_logits: dict[str, list[torch.Tensor]]
     fused_logits: torch.Tensor | None
     attention: dict[str, torch.Tensor] | None
+    bottleneck: dict[str, torch.Tensor] | None = None  # per phase, the deepest encoder features
+
+
+class WindowOutput(NamedTuple):
+    """What inference takes from one batch of windows (:meth:`MAMLNet.predict`).
+
+    probabilities: (B, K, ...) of the fused head, or of the one present phase's head (the mean of
+    the present heads' when two or more of N > 2 phases are given).
+    heatmaps: (B, P, ...) channel-mean attention per phase, fused head only, else None.
+    disagreement: (B, 1, ...) in [0, 1], the mean Jensen-Shannon divergence between the fused head
+    and each phase's own head (in bits), fused head only, else None.
+    bottleneck: (B, P, C) each present phase's deepest encoder features averaged over the window:
+    what the out-of-distribution check measures distances on.
+    """
+
+    probabilities: torch.Tensor
+    heatmaps: torch.Tensor | None
+    disagreement: torch.Tensor | None
+    bottleneck: torch.Tensor
 
 
 class MAMLNet(nn.Module):
@@ -196,28 +219,44 @@ class MAMLNet(nn.Module):
                 f"network input must be (batch, {len(present)} phases, D, H, W), got {tuple(x.shape)}"
             )
         deep = self.deep_supervision and self.training
-        features, logits = {}, {}
+        features, logits, bottleneck = {}, {}, {}
         for channel, phase in enumerate(present):
-            features[phase], logits[phase] = self.backbones[phase](x[:, channel:channel + 1], deep)
+            features[phase], logits[phase], bottleneck[phase] = (
+                self.backbones[phase](x[:, channel:channel + 1], deep, return_bottleneck=True))
         if len(present) < len(self.phases):
-            return MAMLOutput(logits, None, None)
+            return MAMLOutput(logits, None, None, bottleneck)
         fused, attention = self.fusion(features)
-        return MAMLOutput(logits, self.fused_head(fused), attention)
+        return MAMLOutput(logits, self.fused_head(fused), attention, bottleneck)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, phases: Sequence[str] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Class probabilities (B, K, ...) and attention heatmaps (B, P, ...) or None.
+    def predict(self, x: torch.Tensor, phases: Sequence[str] | None = None) -> WindowOutput:
+        """Probabilities, heatmaps, head disagreement and pooled bottleneck features of a batch.
 
         All phases -> the fused head; one phase -> that phase's own head; two or more of N > 2 ->
         the mean of the present heads' probabilities (the paper covers only all or one).
         """
-        out = self.forward(x, phases)
-        if out.fused_logits is not None:
-            heatmaps = torch.cat([a.mean(dim=1, keepdim=True) for a in out.attention.values()], 1)
-            return torch.softmax(out.fused_logits.float(), 1), heatmaps.float()
-        probabilities = [torch.softmax(l[0].float(), 1) for l in out.phase_logits.values()]
-        return torch.stack(probabilities).mean(0), None
+        return window_output(self.forward(x, phases))
+
+
+def _entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log2(p.clamp_min(1e-12))).sum(1, keepdim=True)
+
+
+def jensen_shannon_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per-voxel Jensen-Shannon divergence (B, 1, ...) of class probabilities (B, K, ...), in [0, 1]."""
+    return (_entropy_bits((p + q) / 2) - (_entropy_bits(p) + _entropy_bits(q)) / 2).clamp(0, 1)
+
+
+def window_output(out: MAMLOutput) -> WindowOutput:
+    """The inference view of a forward pass (see :class:`WindowOutput`)."""
+    heads = [torch.softmax(l[0].float(), 1) for l in out.phase_logits.values()]
+    bottleneck = torch.stack([b.float().mean(dim=(2, 3, 4)) for b in out.bottleneck.values()], 1)
+    if out.fused_logits is None:
+        return WindowOutput(torch.stack(heads).mean(0), None, None, bottleneck)
+    fused = torch.softmax(out.fused_logits.float(), 1)
+    heatmaps = torch.cat([a.mean(dim=1, keepdim=True) for a in out.attention.values()], 1)
+    disagreement = torch.stack([jensen_shannon_bits(fused, head) for head in heads]).mean(0)
+    return WindowOutput(fused, heatmaps.float(), disagreement, bottleneck)
 
 
 def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

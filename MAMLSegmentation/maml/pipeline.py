@@ -192,16 +192,14 @@ def segment(
                               reference, stats, label_names)
 
 
-# Air: CT voxels below this are outside the body (air is about -1000 HU, fat -100, lung -800..-600).
-BODY_HU = -500.0
-
-
 def mask_attention_outside_body(attention: dict[str, sitk.Image], reference_image: sitk.Image,
                                 config) -> dict[str, sitk.Image]:
     """Attention maps set to 0 in air (reference phase below BODY_HU), for CT models only.
 
     Normalisation clips air and fat to one value, so there the network sees a constant input and its
     attention is an artefact (stripes from the upsampling) that would distract in a heatmap."""
+    from .preprocessing import BODY_HU
+
     if not attention or any(config.normalization[p] not in ("ct", "ct_dataset") for p in attention):
         return attention
     air = sitk.GetArrayFromImage(reference_image) < BODY_HU

@@ -389,6 +389,7 @@ class PreprocessedCase:
     phases: list[str]
     model_geometry: Geometry
     input_geometry: Geometry
+    body: np.ndarray | None = None  # (z, y, x) bool on the model grid: voxels inside the body
 
 
 def preprocess_phases(
@@ -422,14 +423,31 @@ def preprocess_phases(
     input_geometry = Geometry.from_image(images[phases[0]])
     model_geometry = input_geometry.with_spacing(config.spacing)
     data = np.empty((len(phases),) + model_geometry.shape_zyx, dtype=np.float32)
+    body = None
     for index, phase in enumerate(phases):
         # Resample first, then normalise: the clipping percentiles and z-score statistics are those
         # of the voxels the network actually sees (and clipping also removes B-spline overshoot),
         # as in nnU-Net v1, which the published MAML code forks.
         resampled = _resample(images[phase], model_geometry, interpolator)
-        data[index] = normalize(sitk.GetArrayViewFromImage(resampled), config.normalization[phase],
+        values = sitk.GetArrayViewFromImage(resampled)
+        if body is None:
+            body = body_mask(values, config.normalization[phase])
+        data[index] = normalize(values, config.normalization[phase],
                                 config.intensity_properties.get(phase))
-    return PreprocessedCase(data, phases, model_geometry, input_geometry)
+    return PreprocessedCase(data, phases, model_geometry, input_geometry, body)
+
+
+# Air: CT voxels below this are outside the body (air is about -1000 HU, fat -100, lung -800..-600).
+BODY_HU = -500.0
+
+
+def body_mask(values: np.ndarray, scheme: str) -> np.ndarray:
+    """Voxels inside the body: above BODY_HU for CT, non-zero for MR, all for unnormalised input."""
+    if scheme in ("ct", "ct_dataset"):
+        return np.asarray(values) > BODY_HU
+    if scheme == "mr":
+        return np.asarray(values) != 0
+    return np.ones(np.shape(values), dtype=bool)
 
 
 def labels_to_input_geometry(labels: np.ndarray, case: PreprocessedCase) -> sitk.Image:

@@ -51,7 +51,7 @@ from .evaluation import evaluate_arrays
 from .io import atomic_path, write_text_atomic
 from .losses import MutualLearningLoss
 from .model import save_checkpoint
-from .network import MAMLNet
+from .network import MAMLNet, WindowOutput, window_output
 
 STATE_FORMAT = "maml-training-state"
 STATE_VERSION = 1
@@ -215,12 +215,12 @@ class AllHeads(nn.Module):
         self.num_classes = net.num_classes * len(self.heads)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, phases: Sequence[str] | None = None):
+    def predict(self, x: torch.Tensor, phases: Sequence[str] | None = None) -> WindowOutput:
         out = self.net(x)
-        probabilities = [torch.softmax(out.fused_logits.float(), 1)]
+        window = window_output(out)
+        probabilities = [window.probabilities]
         probabilities += [torch.softmax(out.phase_logits[p][0].float(), 1) for p in self.phases]
-        heatmaps = torch.cat([a.mean(dim=1, keepdim=True) for a in out.attention.values()], 1)
-        return torch.cat(probabilities, 1), heatmaps.float()
+        return window._replace(probabilities=torch.cat(probabilities, 1))
 
 
 def validate(net: MAMLNet, cases: Sequence[CaseData], config: ModelConfig, device: torch.device,
@@ -250,7 +250,8 @@ def validate(net: MAMLNet, cases: Sequence[CaseData], config: ModelConfig, devic
         iterator = tqdm(cases, desc="validate", unit="case", leave=False)
     try:
         for case in iterator:
-            probs, _ = sliding_window_predict(adapter, np.array(case.data), config.phases, options)
+            probs = sliding_window_predict(adapter, np.array(case.data), config.phases,
+                                           options).probabilities
             model_geometry = Geometry.from_dict(case.meta["model_geometry"])
             label_geometry = Geometry.from_dict(case.meta["label_geometry"])
             gt = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label_file)))
