@@ -62,8 +62,9 @@ class MAMLSegmentationParameterNode:
     modelPath: pathlib.Path
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     postprocess: bool = True
+    acceptOutOfDistribution: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
-    heatmapPhase: Annotated[str, Choice(["venous", "arterial"])] = "venous"
+    heatmapPhase: Annotated[str, Choice(["venous", "arterial", "uncertainty"])] = "venous"
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
@@ -186,7 +187,9 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.run = self.logic.startSegmentation(
                 {"arterial": p.arterialVolume, "venous": p.venousVolume}, p.outputSegmentation,
-                self.modelFile(), p.registration, p.device, p.referencePhase, postprocess=p.postprocess)
+                self.modelFile(), p.registration, p.device, p.referencePhase, postprocess=p.postprocess,
+                acceptOutOfDistribution=p.acceptOutOfDistribution)
+            self.showDomainCheck({})
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Starting the engine..."
             self.timer.start()
@@ -208,6 +211,8 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         run, self.run = self.run, None
         if run.error is not None:
             self.ui.statusLabel.text = str(run.error)
+            if isinstance(run.error, lib.OutOfDistributionRefusal):
+                self.showDomainCheck({"status": "refused", "sentence": str(run.error)})
             if not isinstance(run.error, lib.CancelledError):
                 slicer.util.errorDisplay(str(run.error), detailedText=run.process.logText())
         else:
@@ -220,6 +225,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         result.segmentationNode.CreateClosedSurfaceRepresentation()
         count = result.stats.get("tumor_count", "?")
         self.ui.statusLabel.text = f"Done: {count} tumor(s) found."
+        self.showDomainCheck(result.domainCheck)
         self.ui.progressBar.value = 100
         if result.tumorTableNode:
             self.ui.statisticsTableView.setMRMLTableNode(result.tumorTableNode)
@@ -230,9 +236,17 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         reference = {"arterial": p.arterialVolume, "venous": p.venousVolume}.get(self.result.referencePhase)
-        heatmap = self.result.heatmapNodes.get(p.heatmapPhase)
+        heatmap = (self.result.uncertaintyNode if p.heatmapPhase == "uncertainty"
+                   else self.result.heatmapNodes.get(p.heatmapPhase))
         slicer.util.setSliceViewerLayers(background=reference, foreground=heatmap,
                                          foregroundOpacity=p.heatmapOpacity if heatmap else 0.0)
+
+
+    def showDomainCheck(self, domain: dict):
+        """The out-of-distribution warning in red above the status line, impossible to miss."""
+        label = self.ui.domainWarningLabel
+        label.visible = domain.get("status") not in (None, "ok")
+        label.text = domain.get("sentence", "") if label.visible else ""
 
 
 def ensureDependencies() -> bool:

@@ -49,7 +49,8 @@ def test_segment_both_phases_writes_every_output_in_the_reference_geometry(tiny_
 
     names = sorted(p.name for p in out.iterdir())
     assert names == ["arterial_registered.nii.gz", "attention_arterial.nii.gz", "attention_venous.nii.gz",
-                     "overview.png", "segmentation.nii.gz", "stats.json", "transform_arterial.h5"]
+                     "overview.png", "segmentation.nii.gz", "stats.json", "transform_arterial.h5",
+                     "uncertainty.nii.gz"]
     venous = sitk.ReadImage(str(case_files["venous"]))
     for name in ("segmentation.nii.gz", "attention_venous.nii.gz", "arterial_registered.nii.gz"):
         image = sitk.ReadImage(str(out / name))

@@ -5,7 +5,7 @@ Importable with ``slicer-core`` alone, so it is tested without the Slicer applic
 
 from .conversion import (checkVolume3D, ijkToRASFromImage, imageFromVolumeNode, updateVolumeNodeFromImage,
                          addVolumeNodeFromImage)
-from .errors import CancelledError, MAMLSegmentationError
+from .errors import CancelledError, MAMLSegmentationError, OutOfDistributionRefusal
 from .logic import (DEVICES, PHASES, REGISTRATION_PRESETS, MAMLSegmentationLogic, SegmentationResult,
                     SegmentationRun, bundledModels, missingPipRequirements, pipConstraints, pipInstallArguments,
                     sampleDataFiles, sampleDataSources)
@@ -13,7 +13,8 @@ from .process import EngineProcess, ProgressEvent, parseProgressLine
 from .results import STANDARD_SEGMENTS, importEngineOutput, readEngineOutput
 
 __all__ = [
-    "CancelledError", "DEVICES", "EngineProcess", "MAMLSegmentationError", "MAMLSegmentationLogic", "PHASES",
+    "CancelledError", "DEVICES", "EngineProcess", "MAMLSegmentationError", "MAMLSegmentationLogic",
+    "OutOfDistributionRefusal", "PHASES",
     "ProgressEvent", "REGISTRATION_PRESETS", "STANDARD_SEGMENTS", "SegmentationResult", "SegmentationRun",
     "addVolumeNodeFromImage", "bundledModels", "checkVolume3D", "ijkToRASFromImage", "imageFromVolumeNode",
     "importEngineOutput", "missingPipRequirements", "parseProgressLine", "pipConstraints", "pipInstallArguments",

@@ -9,5 +9,10 @@ class MAMLSegmentationError(Exception):
     """
 
 
+class OutOfDistributionRefusal(MAMLSegmentationError):
+    """The engine refused the image: it lies outside the model's training data (exit code 3).
+    The message is the engine's sentence, which names the model, the reason and the way out."""
+
+
 class CancelledError(MAMLSegmentationError):
     """The user cancelled the run; the engine process tree was stopped."""

@@ -29,8 +29,8 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from .conversion import checkVolume3D, imageFromVolumeNode
-from .errors import CancelledError, MAMLSegmentationError
-from .process import EngineProcess, ProgressEvent
+from .errors import CancelledError, MAMLSegmentationError, OutOfDistributionRefusal
+from .process import EXIT_REFUSED, EngineProcess, ProgressEvent
 from .results import importEngineOutput, readEngineOutput
 
 MODULE_DIR = Path(__file__).resolve().parents[1]          # .../MAMLSegmentation (holds maml/)
@@ -178,6 +178,12 @@ class SegmentationResult:
     referencePhase: str = ""
     outputDirectory: Path | None = None                  # kept only when the caller gave one
     log: str = ""
+    uncertaintyNode: object = None                       # scalar volume node, 0..1
+
+    @property
+    def domainCheck(self) -> dict:
+        """The engine's out-of-distribution report: status ok / warning, and its sentence."""
+        return self.stats.get("domain_check") or {}
 
 
 class SegmentationRun:
@@ -220,6 +226,9 @@ class SegmentationRun:
             if self.process.state == "cancelled":
                 self.state = "cancelled"
                 self.error = CancelledError("Segmentation cancelled; the scene is unchanged.")
+            elif self.process.state != "done" and self.process.returnCode == EXIT_REFUSED:
+                self.state = "refused"
+                self.error = OutOfDistributionRefusal(f"Refused: {self.process.errorMessage}")
             elif self.process.state != "done":
                 self.state = "failed"
                 self.error = MAMLSegmentationError(f"Segmentation failed: {self.process.errorMessage}")
@@ -238,7 +247,8 @@ class SegmentationRun:
                     self.result = SegmentationResult(
                         nodes.segmentation, nodes.heatmaps, nodes.transforms, nodes.statisticsTable,
                         nodes.tumorTable, output.stats, self.referencePhase,
-                        self.outputDir if self.keepOutput else None, self.process.logText())
+                        self.outputDir if self.keepOutput else None, self.process.logText(),
+                        nodes.uncertainty)
             else:
                 self.state = "done"
         finally:
@@ -300,26 +310,29 @@ class MAMLSegmentationLogic:
         return env
 
     def buildSegmentCommand(self, phasePaths: dict, outputDir, model=None, registration="deformable",
-                            referencePhase=None, device="auto", postprocess=True) -> list:
+                            referencePhase=None, device="auto", postprocess=True,
+                            acceptOutOfDistribution=False) -> list:
         command = [*self.engineCommandPrefix(), "segment"]
         for phase, path in phasePaths.items():
             command += ["--phase", f"{phase}={path}"]
         command += ["--out", str(outputDir), "--register", registration, "--device", device]
         if referencePhase:
             command += ["--reference", referencePhase]
-        return command + self._commonRunOptions(model, postprocess)
+        return command + self._commonRunOptions(model, postprocess, acceptOutOfDistribution)
 
     def buildSegmentBatchCommand(self, inputDir, outputDir, model=None, registration="deformable",
-                                 device="auto", postprocess=True) -> list:
+                                 device="auto", postprocess=True, acceptOutOfDistribution=False) -> list:
         command = [*self.engineCommandPrefix(), "segment-batch", "--input", str(inputDir),
                    "--out", str(outputDir), "--register", registration, "--device", device]
-        return command + self._commonRunOptions(model, postprocess)
+        return command + self._commonRunOptions(model, postprocess, acceptOutOfDistribution)
 
     @staticmethod
-    def _commonRunOptions(model, postprocess: bool) -> list:
+    def _commonRunOptions(model, postprocess: bool, acceptOutOfDistribution: bool = False) -> list:
         options = ["--model", str(model)] if model else []
         if not postprocess:
             options.append("--no-postprocessing")
+        if acceptOutOfDistribution:
+            options.append("--accept-out-of-distribution")
         return options + ["--json-progress"]
 
     def modelInfo(self, model=None, timeout: float = 120) -> dict:
@@ -408,7 +421,8 @@ class MAMLSegmentationLogic:
     # --- running --------------------------------------------------------------------------------
     def startSegmentation(self, phaseNodes: dict, outputSegmentation=None, model=None,
                           registration="deformable", device="auto", referencePhase=None,
-                          outputDirectory=None, postprocess=True) -> SegmentationRun:
+                          outputDirectory=None, postprocess=True,
+                          acceptOutOfDistribution=False) -> SegmentationRun:
         """Check inputs, write them to a temporary folder and start the engine; returns at once."""
         phases, referencePhase = self.checkInputs(phaseNodes, registration, device, referencePhase,
                                                   outputSegmentation)
@@ -426,7 +440,7 @@ class MAMLSegmentationLogic:
             keep = outputDirectory is not None
             outputDir = Path(outputDirectory) if keep else tempDir / "output"
             command = self.buildSegmentCommand(phasePaths, outputDir, model, registration, referencePhase,
-                                               device, postprocess)
+                                               device, postprocess, acceptOutOfDistribution)
             process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -436,18 +450,23 @@ class MAMLSegmentationLogic:
 
     def segment(self, phaseNodes: dict, outputSegmentation=None, model=None, registration="deformable",
                 device="auto", waitForCompletion=True, referencePhase=None, outputDirectory=None,
-                progressCallback=None, postprocess=True):
+                progressCallback=None, postprocess=True, acceptOutOfDistribution=False):
         """Segment; blocking by default (returns a SegmentationResult), else a SegmentationRun.
 
-        ``postprocess=False`` keeps the network's raw labels (skips the model's post-processing)."""
+        ``postprocess=False`` keeps the network's raw labels (skips the model's post-processing).
+        An image unlike the model's training data raises ``OutOfDistributionRefusal`` with the
+        engine's sentence and leaves the scene unchanged, unless ``acceptOutOfDistribution``: then
+        the result comes with ``stats["domain_check"]["status"] == "warning"``."""
         run = self.startSegmentation(phaseNodes, outputSegmentation, model, registration, device,
-                                     referencePhase, outputDirectory, postprocess)
+                                     referencePhase, outputDirectory, postprocess,
+                                     acceptOutOfDistribution)
         if not waitForCompletion:
             return run
         return run.wait(progressCallback=progressCallback or _printProgress)
 
     def segmentFolder(self, inputDir, outputDir, model=None, registration="deformable", device="auto",
-                      waitForCompletion=True, progressCallback=None, postprocess=True):
+                      waitForCompletion=True, progressCallback=None, postprocess=True,
+                      acceptOutOfDistribution=False):
         """``maml segment-batch`` over many cases; files in, files out (no nodes).
 
         ``inputDir``: an nnU-Net raw folder (imagesTs/CASE_0000.nii.gz = arterial, CASE_0001 = venous)
@@ -466,7 +485,7 @@ class MAMLSegmentationLogic:
         model = self.resolveModel(model)
         Path(outputDir).mkdir(parents=True, exist_ok=True)
         command = self.buildSegmentBatchCommand(inputDir, outputDir, model, registration, device,
-                                                postprocess)
+                                                postprocess, acceptOutOfDistribution)
         process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         run = SegmentationRun(process, None, Path(outputDir), True, None, {}, "", None, importResults=False)
         if not waitForCompletion:

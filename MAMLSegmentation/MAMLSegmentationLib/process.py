@@ -29,7 +29,7 @@ LOG_LINES = 2000
 CANCEL_GRACE_SECONDS = 5.0
 # The engine's exit codes (maml.cli): 0 done, 1 error (one line "maml <command>: error: ..." on
 # stderr), 130 cancelled (SIGTERM or Ctrl-C).
-EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 130
+EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_CANCELLED = 0, 1, 3, 130
 
 
 @dataclass
@@ -146,9 +146,11 @@ class EngineProcess:
         else:
             self.state = "failed"
             tail = [line for line in self.log if not line.startswith(("[", "$ "))]
-            errors = [line for line in tail if line.startswith("maml ") and ": error: " in line]
-            if errors:  # the engine's own one-line error ("maml segment: error: ...")
-                self.errorMessage = errors[-1].split(": error: ", 1)[1]
+            errors = [line for line in tail if line.startswith("maml ")
+                      and (": error: " in line or ": refused: " in line)]
+            if errors:  # the engine's own one line ("maml segment: error: ..." / "...: refused: ...")
+                self.errorMessage = errors[-1].split(": error: " if ": error: " in errors[-1]
+                                                    else ": refused: ", 1)[1]
             elif not self.errorMessage:
                 if self.returnCode == EXIT_OK:
                     self.errorMessage = "the engine ended without reporting its result"

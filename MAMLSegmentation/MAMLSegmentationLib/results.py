@@ -61,6 +61,7 @@ class EngineOutput:
     folder: Path
     labels: sitk.Image
     attention: dict = field(default_factory=dict)      # phase -> sitk.Image (float32 0..1)
+    uncertainty: sitk.Image | None = None              # float32 0..1
     transformFiles: dict = field(default_factory=dict)  # phase -> Path of transform_<phase>.h5
     stats: dict = field(default_factory=dict)
 
@@ -69,6 +70,7 @@ class EngineOutput:
 class ImportedNodes:
     segmentation: object = None
     heatmaps: dict = field(default_factory=dict)    # phase -> vtkMRMLScalarVolumeNode
+    uncertainty: object = None                      # vtkMRMLScalarVolumeNode
     transforms: dict = field(default_factory=dict)  # phase -> vtkMRMLTransformNode
     statisticsTable: object = None
     tumorTable: object = None
@@ -100,7 +102,10 @@ def readEngineOutput(folder) -> EngineOutput:
     transforms = {}
     for path in sorted(folder.glob("transform_*.h5")):
         transforms[path.name[len("transform_"):-len(".h5")]] = path
-    return EngineOutput(folder, labels, attention, transforms, stats)
+    uncertaintyPath = folder / "uncertainty.nii.gz"
+    uncertainty = (sitk.Cast(sitk.ReadImage(str(uncertaintyPath)), sitk.sitkFloat32)
+                   if uncertaintyPath.is_file() else None)
+    return EngineOutput(folder, labels, attention, transforms, stats, uncertainty)
 
 
 def _labelDefinitions(stats: dict) -> list:
@@ -180,6 +185,7 @@ def importEngineOutput(scene, output: EngineOutput, phaseNodes: dict, referenceP
     try:
         _importSegmentation(scene, imported, definitions, labelArray, ijkToRAS, outputSegmentation, baseName)
         _importHeatmaps(scene, imported, output, baseName)
+        _importUncertainty(scene, imported, output, baseName)
         _importTransforms(scene, imported, output, phaseNodes, referencePhase)
         _importTables(scene, imported, output.stats, baseName)
     except Exception:
@@ -263,6 +269,28 @@ def _importHeatmaps(scene, imported, output, baseName):
         imported.heatmaps[phase] = node
 
 
+def _importUncertainty(scene, imported, output, baseName):
+    """The uncertainty map as a volume like the heatmaps: same colours, 0..1, transparent where the
+    model is sure."""
+    if output.uncertainty is None:
+        return
+    colorNode, created = heatmapColorNode(scene)
+    if created:
+        imported.addedNodes.append(colorNode)
+    node = addVolumeNodeFromImage(scene, output.uncertainty, f"{baseName} uncertainty")
+    imported.addedNodes.append(node)
+    node.SetAttribute("MAMLSegmentation.map", "uncertainty")
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(colorNode.GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetApplyThreshold(True)
+    display.SetLowerThreshold(HEATMAP_LOWER_THRESHOLD)
+    display.SetUpperThreshold(1.0e6)
+    display.SetInterpolate(True)
+    imported.uncertainty = node
+
+
 def _importTransforms(scene, imported, output, phaseNodes, referencePhase):
     for phase, path in output.transformFiles.items():
         moving = phaseNodes.get(phase)
@@ -317,7 +345,10 @@ def _importTables(scene, imported, stats, baseName):
     _setTable(summary, [("Measurement", vtk.vtkStringArray, ""), ("Value", vtk.vtkDoubleArray, ""),
                         ("Unit", vtk.vtkStringArray, "")], rows)
     model = stats.get("model") or {}
-    for key, value in (("model", model.get("name")), ("model_sha256", model.get("sha256")),
+    domain = stats.get("domain_check") or {}
+    for key, value in (("domain_check", domain.get("status")),
+                       ("domain_check_sentence", domain.get("sentence")),
+                       ("model", model.get("name")), ("model_sha256", model.get("sha256")),
                        ("device", stats.get("device")), ("head", stats.get("head")),
                        ("reference_phase", stats.get("reference_phase")),
                        ("registration", (stats.get("registration") or {}).get("preset"))):
@@ -332,10 +363,12 @@ def _importTables(scene, imported, stats, baseName):
         r, a, s = _lpsToRas(tumor.get("centroid_lps", (float("nan"),) * 3))
         tumorRows.append((int(tumor.get("id", len(tumorRows) + 1)), float(tumor.get("volume_ml", float("nan"))),
                           float(tumor.get("diameter_mm", float("nan"))),
-                          float(tumor.get("axial_diameter_mm", float("nan"))), r, a, s))
+                          float(tumor.get("axial_diameter_mm", float("nan"))), r, a, s,
+                          float(tumor.get("mean_uncertainty", float("nan")))))
     _setTable(tumors, [("Tumor", vtk.vtkIntArray, ""), ("Volume", vtk.vtkDoubleArray, "mL"),
                        ("Largest diameter", vtk.vtkDoubleArray, "mm"),
                        ("Largest axial diameter", vtk.vtkDoubleArray, "mm"), ("Centroid R", vtk.vtkDoubleArray, "mm"),
-                       ("Centroid A", vtk.vtkDoubleArray, "mm"), ("Centroid S", vtk.vtkDoubleArray, "mm")],
+                       ("Centroid A", vtk.vtkDoubleArray, "mm"), ("Centroid S", vtk.vtkDoubleArray, "mm"),
+                       ("Mean uncertainty", vtk.vtkDoubleArray, "0-1")],
               tumorRows)
     imported.tumorTable = tumors

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CancelledError, InputError, MAMLError
+from .errors import CancelledError, InputError, MAMLError, OutOfDistributionError
 from .model import LoadedModel
 
 CASE_ROW = "case_summary.json"
-SUMMARY_FIELDS = ["case", "status", "head", "tumor_count", "liver_volume_ml", "tumor_volume_ml",
-                  "tumor_burden", "seconds", "dice_liver", "dice_tumor", "assd_mm_tumor", "message"]
+SUMMARY_FIELDS = ["case", "status", "domain_check", "head", "tumor_count", "liver_volume_ml",
+                  "tumor_volume_ml", "tumor_burden", "seconds", "dice_liver", "dice_tumor", "assd_mm_tumor", "message"]
 
 
 @dataclass
@@ -161,15 +161,18 @@ def run_batch(input_path: str | Path, out_dir: str | Path, model: LoadedModel, o
                 row.update(_evaluate(case, result.labels, model.config))
             write_result(result, case_dir, overview=overview)
             stats = result.stats
-            row.update(status="ok", head=stats["head"], tumor_count=stats["tumor_count"],
+            row.update(status="ok", domain_check=stats["domain_check"]["status"],
+                       head=stats["head"], tumor_count=stats["tumor_count"],
                        liver_volume_ml=stats.get("liver_volume_ml"),
                        tumor_volume_ml=stats.get("tumor_volume_ml"), tumor_burden=stats.get("tumor_burden"))
         except CancelledError:
             raise
+        except OutOfDistributionError as error:
+            row.update(status="refused", domain_check="refused", message=str(error))
         except MAMLError as error:
             row.update(status="error", message=str(error))
         row["seconds"] = round(time.perf_counter() - start, 2)
-        write_json(row, out_dir / f".{case.case_id}.{CASE_ROW}" if row["status"] == "error"
+        write_json(row, out_dir / f".{case.case_id}.{CASE_ROW}" if row["status"] != "ok"
                    else case_dir / CASE_ROW)
         rows.append(row)
     if progress:

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from . import __version__
-from .errors import CancelledError, MAMLError
+from .errors import CancelledError, MAMLError, OutOfDistributionError
 
 # Subcommand name -> module under maml.commands with configure(parser) and run(args) -> int.
 COMMANDS = {
@@ -22,6 +22,7 @@ COMMANDS = {
     "register": "register",
     "segment": "segment",
     "segment-batch": "segment_batch",
+    "fingerprint": "fingerprint",
     "tune-postprocessing": "tune_postprocessing",
     "demo": "demo",
 }
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except CancelledError as error:
         print(f"maml {args.command}: cancelled: {error}", file=sys.stderr)
         return 130
+    except OutOfDistributionError as error:
+        print(f"maml {args.command}: refused: {error}", file=sys.stderr)
+        return OutOfDistributionError.exit_code
     except MAMLError as error:
         print(f"maml {args.command}: error: {error}", file=sys.stderr)
         return 1

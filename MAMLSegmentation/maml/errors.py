@@ -19,3 +19,10 @@ class RegistrationError(MAMLError):
 
 class CancelledError(MAMLError):
     """The run was cancelled by the user (callback, Ctrl-C or SIGTERM)."""
+
+
+class OutOfDistributionError(MAMLError):
+    """The input lies outside the model's training data (maml.domain): nothing was written. The
+    command line exits with ``exit_code``."""
+
+    exit_code = 3

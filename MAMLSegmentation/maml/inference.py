@@ -211,6 +211,40 @@ def sliding_window_predict(
         torch.cat(features).numpy(), starts, np.asarray(body_fraction, dtype=np.float64))
 
 
+def window_bottleneck_features(net: MAMLNet, data: np.ndarray, phases: Sequence[str],
+                               options: SlidingWindowOptions, body: np.ndarray | None = None
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """The (W, P, C) pooled bottleneck features and (W,) body fractions that
+    :func:`sliding_window_predict` reports, from the same windows, computed with the encoders only
+    (a fraction of the cost: for the training fingerprint). Networks without per-phase encoders
+    (e.g. ensembles) take the full pass."""
+    if not hasattr(net, "backbones"):
+        windowed = sliding_window_predict(net, data, phases, options, body=body)
+        return windowed.window_features, windowed.window_body_fraction
+    device = resolve_device(options.device)
+    patch = [int(p) for p in options.patch_size]
+    volume, _ = _pad_to_patch(torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float32), patch)
+    body_mask = None
+    if body is not None:
+        body_mask = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch)[0][0]
+    starts = list(itertools.product(*(window_starts(s, p, options.overlap)
+                                      for s, p in zip(volume.shape[1:], patch))))
+    present = net.present_phases(phases)
+    features, fractions = [], []
+    net = net.to(device)
+    with _inference_layout(net), torch.inference_mode():
+        for first in range(0, len(starts), options.batch_size):
+            regions = [tuple(slice(s, s + p) for s, p in zip(start, patch))
+                       for start in starts[first:first + options.batch_size]]
+            batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
+            pooled = [net.backbones[phase].encoder(batch[:, i:i + 1])[-1].float().mean(dim=(2, 3, 4))
+                      for i, phase in enumerate(present)]
+            features.append(torch.stack(pooled, 1).cpu())
+            fractions += [float(body_mask[region].mean()) if body_mask is not None else math.nan
+                          for region in regions]
+    return torch.cat(features).numpy(), np.asarray(fractions, dtype=np.float64)
+
+
 @dataclass
 class CasePrediction:
     """Outputs in the input geometry: labels (UInt8), heatmaps per phase (float32 in [0, 1], only

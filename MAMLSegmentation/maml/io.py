@@ -117,27 +117,40 @@ def _read_file(p: Path, label: str) -> sitk.Image:
 
 
 def _check_nifti_complete(p: Path, label: str) -> None:
-    """ITK's NIfTI reader fills a truncated file's missing voxels with zeros without a word; check
-    that the file holds ``vox_offset`` + all voxel bytes (decompressing a ``.gz`` as a stream)."""
+    """ITK's NIfTI reader fills a truncated file's missing voxels with zeros without a word, and reads
+    NaN voxels as 0 just as silently; check that the file holds ``vox_offset`` + all voxel bytes
+    (decompressing a ``.gz`` as a stream) and, for float data, that every voxel is finite."""
     opener = gzip.open if _is_gzip(p) else open
+    non_finite = 0
     try:
         with opener(p, "rb") as fh:
             header = fh.read(540)
-            expected = _nifti_expected_bytes(header)
-            if expected is None:
+            layout = _nifti_layout(header)
+            if layout is None:
                 return
+            expected, offset, float_dtype = layout
             have = len(header)
+            pending = header[offset:] if float_dtype is not None else b""
             while have < expected:
                 chunk = fh.read(min(1 << 22, expected - have))
                 if not chunk:
                     break
                 have += len(chunk)
+                if float_dtype is not None:
+                    pending += chunk
+                    whole = len(pending) - len(pending) % float_dtype.itemsize
+                    values = np.frombuffer(pending[:whole], dtype=float_dtype)
+                    non_finite += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    pending = pending[whole:]
     except (OSError, EOFError, zlib.error):
         raise InputError(f"{label}: file is corrupt or truncated (compressed data ends early)") from None
     if have < expected:
         raise InputError(
             f"{label}: file is truncated ({have} of {expected} bytes of header and voxel data)"
         )
+    if non_finite:
+        raise InputError(f"{label}: image has {non_finite} NaN or infinite voxel(s), which would be "
+                         "read as 0; replace them (e.g. with the image's minimum) and try again")
 
 
 def _is_gzip(p: Path) -> bool:
@@ -145,19 +158,26 @@ def _is_gzip(p: Path) -> bool:
         return fh.read(2) == b"\x1f\x8b"
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """vox_offset + voxel bytes from a NIfTI-1/-2 header, or None if it cannot be parsed."""
+# NIfTI datatype codes of floating-point voxels
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
+    """(vox_offset + voxel bytes, vox_offset, float dtype or None) from a NIfTI-1/-2 header, or
+    None if it cannot be parsed."""
     if len(header) < 348:
         return None
     for endian in ("<", ">"):
         sizeof_hdr = np.frombuffer(header[:4], dtype=f"{endian}i4")[0]
         if sizeof_hdr == 348:
             dims = np.frombuffer(header[40:56], dtype=f"{endian}i2").astype(np.int64)
+            datatype = int(np.frombuffer(header[70:72], dtype=f"{endian}i2")[0])
             bitpix = int(np.frombuffer(header[72:74], dtype=f"{endian}i2")[0])
             offset = int(np.frombuffer(header[108:112], dtype=f"{endian}f4")[0])
             break
         if sizeof_hdr == 540 and len(header) >= 540:
             dims = np.frombuffer(header[16:80], dtype=f"{endian}i8")
+            datatype = int(np.frombuffer(header[12:14], dtype=f"{endian}i2")[0])
             bitpix = int(np.frombuffer(header[14:16], dtype=f"{endian}i2")[0])
             offset = int(np.frombuffer(header[168:176], dtype=f"{endian}i8")[0])
             break
@@ -167,7 +187,9 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     if not 1 <= ndim <= 7 or bitpix <= 0 or offset < 0:
         return None
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]]))
-    return offset + voxels * bitpix // 8
+    float_dtype = (np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype])
+                   if datatype in _NIFTI_FLOAT_TYPES else None)
+    return offset + voxels * bitpix // 8, offset, float_dtype
 
 
 def list_dicom_series(folder: str | os.PathLike) -> list[dict]:

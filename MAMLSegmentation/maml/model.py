@@ -32,6 +32,9 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         """Plain-data summary for ``maml info`` and the Slicer module."""
+        from .domain import fingerprint_summary
+
+        fingerprint = self.metadata.get("fingerprint") or {}
         return {
             "name": self.config.name,
             "path": str(self.path) if self.path else None,
@@ -43,7 +46,9 @@ class LoadedModel:
             "intended_use": self.config.intended_use,
             "parameters": sum(p.numel() for p in self.network.parameters()),
             "config": self.config.to_dict(),
-            "metadata": self.metadata,
+            "data_kind": self.metadata.get("data_kind") or fingerprint.get("data_kind") or "unknown",
+            "fingerprint": fingerprint_summary(fingerprint),
+            "metadata": {k: v for k, v in self.metadata.items() if k != "fingerprint"},
         }
 
 

@@ -329,6 +329,7 @@ def render_overview(
                 ax.text(0.5, 0.5, "no attention map", transform=ax.transAxes, ha="center",
                         va="center", color="white", fontsize=9)
 
+    _domain_warning(fig, (stats or {}).get("domain_check"))
     lines = _footer_lines(stats, names, liver_label, tumor_label)
     y = _FOOTER_H - 0.22
     for line in lines:
@@ -337,6 +338,27 @@ def render_overview(
     fig.text(0.5, y / fig_h - 0.02 / fig_h, DISCLAIMER, ha="center", va="center", fontsize=8.5,
              fontweight="bold", color="#B00000")
     return fig
+
+
+def _domain_warning(fig, domain: dict | None) -> None:
+    """A band over the title with the domain check's sentence when it is not "ok", and, when the
+    image lies outside the training data, a watermark across every panel: a reader of the picture
+    alone cannot miss it."""
+    import textwrap
+
+    if not domain or domain.get("status") in (None, "ok"):
+        return
+    outside = bool(domain.get("accepted_out_of_distribution"))
+    colour = "#B00000" if outside else "#C76B00"
+    text = ("OUTSIDE THE MODEL'S TRAINING DATA: " if outside else "CAUTION: ") + domain.get("sentence", "")
+    wrapped = "\n".join(textwrap.wrap(text, width=int(fig.get_figwidth() * 15))[:3])
+    fig.text(0.5, 1 - 0.02, wrapped, ha="center", va="top", fontsize=8.5, color="white",
+             fontweight="bold", zorder=10,
+             bbox={"boxstyle": "square,pad=0.5", "facecolor": colour, "edgecolor": colour})
+    if outside:
+        fig.text(0.5, 0.5, "NOT RELIABLE\noutside training data", ha="center", va="center",
+                 fontsize=34, color="#FF2020", alpha=0.45, rotation=30, fontweight="bold",
+                 zorder=10)
 
 
 def write_overview(

@@ -1096,6 +1096,8 @@ def write_dataset(out_dir, n_cases: int, seed: int, size: str = "demo", contact_
         "name": "MAMLPhantom",
         "description": "Synthetic dual-phase (arterial, venous) liver CT phantoms; not patient data, not for clinical use.",
         "channel_names": {"0": "arterial", "1": "venous"},
+        # Read by maml train / maml fingerprint: a model trained on this says so (maml.domain).
+        "data_kind": "synthetic",
         "labels": dict(LABELS),
         "numTraining": int(n_cases),
         "file_ending": ".nii.gz",

@@ -50,6 +50,9 @@ class SegmentOptions:
     # scans): refused unless the user says otherwise.
     allow_poor_registration: bool = False
     postprocess: bool = True  # the model's own post-processing (maml.postprocessing)
+    # Write results even when the image lies outside the model's training data (maml.domain);
+    # the domain check then says "warning" and why.
+    accept_out_of_distribution: bool = False
 
 
 @dataclass
@@ -58,6 +61,7 @@ class SegmentationResult:
 
     labels: sitk.Image
     attention: dict[str, sitk.Image]
+    uncertainty: sitk.Image | None
     phases_on_reference: dict[str, sitk.Image]  # every given phase on the reference grid
     transforms: dict[str, sitk.Transform]  # moving phase -> transform (reference point -> phase point)
     reference: str
@@ -124,7 +128,7 @@ def segment(
     from .inference import predict_case, resolve_device
     from .io import read_image
     from .registration import register
-    from .stats import compute_statistics
+    from .stats import add_tumor_means, compute_statistics
 
     options = options or SegmentOptions()
     report = _Reporter(progress)
@@ -140,6 +144,7 @@ def segment(
     phases = {name: (image if isinstance(image, sitk.Image) else read_image(image, f"phase {name!r}"))
               for name, image in images.items()}
     reference = choose_reference(list(phases), config.phases, options.reference)
+    checks = check_input(loaded, phases, reference, options)
     report.done("load")
 
     on_reference = {reference: phases[reference]}
@@ -165,18 +170,21 @@ def segment(
         postprocess=options.postprocess)
     attention = mask_attention_outside_body(prediction.attention, on_reference[reference], config)
     report.done("inference")
+    domain = check_result(loaded, prediction, on_reference, checks, options)
 
     report("statistics", 0.0, "tumor statistics")
     label_names = {label.value: label.name for label in config.labels}
     values = {label.name: label.value for label in config.labels}
     stats = compute_statistics(prediction.labels, liver_label=values.get("liver", 1),
                                tumor_label=values.get("tumor", 2), label_names=label_names)
+    add_tumor_means(stats, prediction.labels, prediction.uncertainty, "mean_uncertainty")
     report.done("statistics")
     stats.update({
         "reference_phase": reference,
         "phases": list(phases),
         "head": prediction.head,
         "postprocessing": (asdict(config.postprocessing) if options.postprocess else None),
+        "domain_check": domain.to_dict(),
         "registration": {"preset": options.registration, "phases": quality},
         "device": str(device) if device.type == "cpu" else f"{device} ({_gpu_name()})",
         "model": {
@@ -184,12 +192,64 @@ def segment(
             "sha256": loaded.sha256, "phases": config.phases,
             "labels": [{"value": l.value, "name": l.name, "color": list(l.color)} for l in config.labels],
             "intended_use": config.intended_use,
+            "data_kind": model_data_kind(loaded),
         },
         "host": platform.node(),
         "timings": dict(report.timings),
     })
-    return SegmentationResult(prediction.labels, attention, on_reference, transforms,
-                              reference, stats, label_names)
+    return SegmentationResult(prediction.labels, attention, prediction.uncertainty, on_reference,
+                              transforms, reference, stats, label_names)
+
+
+def model_data_kind(loaded: LoadedModel) -> str | None:
+    fingerprint = loaded.metadata.get("fingerprint") or {}
+    return loaded.metadata.get("data_kind") or fingerprint.get("data_kind")
+
+
+def check_input(loaded: LoadedModel, phases: Mapping[str, sitk.Image], reference: str,
+                options: SegmentOptions) -> list:
+    """The checks made before any heavy work (maml.domain): geometry and intensity against the
+    training fingerprint, refused at once when far outside it, then the memory the run needs."""
+    from . import domain
+
+    config, fingerprint = loaded.config, loaded.metadata.get("fingerprint")
+    if fingerprint:
+        checks = domain.check_geometry(phases, fingerprint) + domain.check_intensity(
+            phases, fingerprint, config)
+    else:
+        checks = [domain.missing_fingerprint_check(config.name,
+                                                   str(loaded.path) if loaded.path else None)]
+    early = domain.summarize(checks, config.name, model_data_kind(loaded),
+                             options.accept_out_of_distribution)
+    domain.raise_if_refused(early)
+    memory = domain.check_memory(phases[reference], config, len(phases))
+    if memory.status == domain.REFUSED:
+        raise InputError(f"phase {reference!r}: segmenting it {memory.message}; check the voxel "
+                         "spacing in its header, or crop the image to the abdomen")
+    return checks + [memory]
+
+
+def check_result(loaded: LoadedModel, prediction, on_reference: Mapping[str, sitk.Image],
+                 checks: list, options: SegmentOptions):
+    """The input checks, plus the feature distance of every window that covers the body and the
+    plausibility of the output; raises OutOfDistributionError when refused (nothing is written)."""
+    from . import domain
+
+    config, fingerprint = loaded.config, loaded.metadata.get("fingerprint")
+    checks = list(checks)
+    if fingerprint:
+        values = {label.name: label.value for label in config.labels}
+        distances = domain.case_distances(prediction.window_features, prediction.window_body_fraction,
+                                          prediction.phases, fingerprint["features"])
+        checks += domain.check_features(distances, fingerprint)
+        labels = sitk.GetArrayViewFromImage(prediction.labels)
+        spacing = prediction.labels.GetSpacing()[::-1]
+        checks += domain.check_output(labels, spacing, on_reference, fingerprint,
+                                      values.get("liver", 1), values.get("tumor", 2))
+    report = domain.summarize(checks, config.name, model_data_kind(loaded),
+                              options.accept_out_of_distribution)
+    domain.raise_if_refused(report)
+    return report
 
 
 def mask_attention_outside_body(attention: dict[str, sitk.Image], reference_image: sitk.Image,
@@ -230,6 +290,8 @@ def write_result(result: SegmentationResult, out_dir: str | Path, overview: bool
     report("write", 0.0, f"writing results to {out_dir}")
     with atomic_output_dir(out_dir) as folder:
         write_image(result.labels, folder / "segmentation.nii.gz")
+        if result.uncertainty is not None:
+            write_image(result.uncertainty, folder / "uncertainty.nii.gz")
         for phase, heatmap in result.attention.items():
             write_image(heatmap, folder / f"attention_{phase}.nii.gz")
         for phase, transform in result.transforms.items():

@@ -195,18 +195,7 @@ def compute_statistics(
     tumor_voxels = count_of.get(int(tumor_label), 0)
     parenchyma_voxels = count_of.get(int(liver_label), 0)
 
-    tumor_mask = sitk.Cast(labels == int(tumor_label), sitk.sitkUInt8)
-    components = sitk.ConnectedComponentImageFilter()
-    components.FullyConnectedOn()  # 26-connectivity
-    cc = components.Execute(tumor_mask)
-    n_components = components.GetObjectCount()
-    min_voxels = max(1, math.ceil(min_tumor_ml / voxel_ml - 1e-9)) if min_tumor_ml > 0 else 1
-    relabel = sitk.RelabelComponentImageFilter()
-    relabel.SetMinimumObjectSize(min_voxels)
-    relabel.SortByObjectSizeOn()
-    kept = relabel.Execute(cc)
-    n_kept = relabel.GetNumberOfObjects()
-    kept_voxels = int(sum(relabel.GetSizeOfObjectsInPixels()[:n_kept]))
+    kept, n_kept, n_components, kept_voxels = tumor_components(labels, tumor_label, min_tumor_ml)
 
     tumors = []
     if n_kept:
@@ -242,6 +231,39 @@ def compute_statistics(
         "liver_label": int(liver_label),
         "tumor_label": int(tumor_label),
     }
+
+
+def tumor_components(labels: sitk.Image, tumor_label: int = 2,
+                     min_tumor_ml: float = DEFAULT_MIN_TUMOR_ML) -> tuple[sitk.Image, int, int, int]:
+    """The tumors as numbered components (26-connected, largest first, those under
+    ``min_tumor_ml`` dropped): (component image, tumors kept, components found, voxels kept). Tumor
+    ``id`` i of :func:`compute_statistics` is the voxels equal to i here."""
+    voxel_ml = _voxel_volume_ml(labels)
+    tumor_mask = sitk.Cast(labels == int(tumor_label), sitk.sitkUInt8)
+    components = sitk.ConnectedComponentImageFilter()
+    components.FullyConnectedOn()  # 26-connectivity
+    cc = components.Execute(tumor_mask)
+    min_voxels = max(1, math.ceil(min_tumor_ml / voxel_ml - 1e-9)) if min_tumor_ml > 0 else 1
+    relabel = sitk.RelabelComponentImageFilter()
+    relabel.SetMinimumObjectSize(min_voxels)
+    relabel.SortByObjectSizeOn()
+    kept = relabel.Execute(cc)
+    n_kept = relabel.GetNumberOfObjects()
+    return kept, n_kept, components.GetObjectCount(), int(sum(relabel.GetSizeOfObjectsInPixels()[:n_kept]))
+
+
+def add_tumor_means(stats: dict, labels: sitk.Image, values: sitk.Image, key: str) -> None:
+    """Adds ``key``: the mean of ``values`` (an image on the label grid) over each tumor of
+    ``stats["tumors"]`` (from :func:`compute_statistics` on the same labels)."""
+    if not stats.get("tumors"):
+        return
+    kept, n_kept, _, _ = tumor_components(labels, stats["tumor_label"], stats["min_tumor_ml"])
+    ids = sitk.GetArrayViewFromImage(kept).ravel()
+    array = sitk.GetArrayViewFromImage(values).ravel().astype(np.float64)
+    sums = np.bincount(ids, weights=array, minlength=n_kept + 1)
+    counts = np.bincount(ids, minlength=n_kept + 1)
+    for tumor in stats["tumors"]:
+        tumor[key] = round(float(sums[tumor["id"]] / max(counts[tumor["id"]], 1)), 4)
 
 
 def _tumor_entry(lab, shape, kept_array, matrix, labels, voxel_ml) -> dict:

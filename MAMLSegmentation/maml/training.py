@@ -47,6 +47,7 @@ from .data import (CaseData, PatchDataset, PreprocessedCache, build_augmentation
                    config_for_dataset, dataset_intensity_properties, item_seed, read_dataset,
                    split_cases)
 from .errors import InputError, MAMLError
+from .fingerprint import dataset_data_kind
 from .evaluation import evaluate_arrays
 from .io import atomic_path, write_text_atomic
 from .losses import MutualLearningLoss
@@ -96,6 +97,7 @@ class TrainingOptions:
     threads: int | None = None
     register: str | None = None
     normalization: str | None = None
+    data_kind: str | None = None  # "synthetic" | "clinical"; default: the data set's dataset.json
 
     def lr(self) -> float:
         if self.learning_rate is not None:
@@ -680,7 +682,9 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
                 "loss": options.loss_variant, "modality_dropout": options.modality_dropout,
                 "augmentation": options.augmentation, "seed": options.seed,
                 "dataset": dataset.name, "train_cases": len(train_ids),
-                "validation_cases": len(val_ids), "fold": options.fold,
+                "validation_cases": len(val_ids), "validation_case_ids": list(val_ids),
+                "fold": options.fold,
+                "data_kind": options.data_kind or dataset_data_kind(dataset.root),
                 "best_epoch": best_epoch,
                 "validation_mean_foreground_dice_fused": best_metric,
                 "maml_version": __version__,
@@ -722,7 +726,28 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
                 print(summary, file=sys.stderr, flush=True)
         dist.barrier()
 
+    if dist.is_main and last_epoch == options.epochs:
+        add_fingerprint(out_dir, dataset.root, train_ids, val_ids, options, device, show)
+    dist.barrier()
     return TrainResult(out_dir, net, config, last_epoch, best_metric, best_epoch, rows, speed)
+
+
+def add_fingerprint(out_dir: Path, dataset_root: Path, train_ids: Sequence[str],
+                    val_ids: Sequence[str], options: TrainingOptions, device, show: bool) -> None:
+    """The finished run's checkpoints get the training fingerprint of the best one (maml.domain):
+    feature statistics from the training cases, distance limits from the validation cases."""
+    from .fingerprint import compute_fingerprint
+    from .model import load_model
+
+    best = load_model(out_dir / "checkpoint_best.pt", device)
+    if show:
+        print("training fingerprint (out-of-distribution check) ...", file=sys.stderr, flush=True)
+    fingerprint = compute_fingerprint(best, dataset_root, train_ids, val_ids, options.register,
+                                      data_kind=options.data_kind, device=str(device))
+    for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
+        model = best if name == "checkpoint_best.pt" else load_model(out_dir / name, device)
+        save_checkpoint(out_dir / name, model.network, model.config,
+                        dict(model.metadata, fingerprint=fingerprint))
 
 
 def _json_ready(value):

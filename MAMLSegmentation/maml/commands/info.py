@@ -33,6 +33,8 @@ def run(args) -> int:
                                     config["normalization"].items())),
         ("post-processing", _describe_postprocessing(config.get("postprocessing") or {})),
         ("intended use", description["intended_use"]),
+        ("data kind", description["data_kind"]),
+        ("fingerprint", _describe_fingerprint(description["fingerprint"])),
     ]
     width = max(len(key) for key, _ in rows) + 2  # long metadata keys just get one space
     for key, value in [*rows, *description["metadata"].items()]:
@@ -48,3 +50,12 @@ def _describe_postprocessing(settings: dict) -> str:
     parts += [f"{name} >= {volume:g} ml" for name, volume in settings.get("min_volume_ml", {}).items()
               if volume > 0]
     return ", ".join(parts) or "none"
+
+
+def _describe_fingerprint(summary: dict | None) -> str:
+    if not summary:
+        return "none: the out-of-distribution check cannot run (add one with maml fingerprint)"
+    limits = ", ".join(f"{phase} {limit['max']:.1f}" for phase, limit in
+                       summary["feature_distance_limits"].items())
+    return (f"{summary['training_cases']} training cases of {summary['dataset']}, "
+            f"{summary['calibration_cases']} held-out cases; feature distance limits {limits}")

@@ -26,6 +26,9 @@ def add_run_options(parser) -> None:
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="keep the raw labels (skip the model's post-processing, e.g. its "
                              "minimum tumor size)")
+    parser.add_argument("--accept-out-of-distribution", action="store_true",
+                        help="write results even when the image lies outside the model's training "
+                             "data (the check then warns instead of refusing with exit code 3)")
     parser.add_argument("--no-overview", action="store_true", help="skip overview.png")
     parser.add_argument("--json-progress", action="store_true",
                         help="print progress as JSON lines on stdout (for other programs)")
@@ -43,14 +46,21 @@ def options_from(args):
 
     return SegmentOptions(registration=args.register, reference=args.reference, device=args.device,
                           tta=args.tta, allow_poor_registration=args.allow_poor_registration,
-                          postprocess=not args.no_postprocessing)
+                          postprocess=not args.no_postprocessing,
+                          accept_out_of_distribution=args.accept_out_of_distribution)
 
 
 def summary_lines(stats: dict) -> list[str]:
-    lines = [f"tumors found: {stats.get('tumor_count', 0)}"]
+    lines = []
+    domain = stats.get("domain_check") or {}
+    if domain.get("status") not in (None, "ok"):
+        lines.append(f"WARNING: {domain.get('sentence', '')}")
+    lines.append(f"tumors found: {stats.get('tumor_count', 0)}")
     for tumor in stats.get("tumors", [])[:5]:
+        uncertainty = (f", uncertainty {tumor['mean_uncertainty']:.2f}"
+                       if tumor.get("mean_uncertainty") is not None else "")
         lines.append(f"  tumor {tumor['id']}: {tumor['volume_ml']:.1f} mL, "
-                     f"largest diameter {tumor['diameter_mm']:.1f} mm")
+                     f"largest diameter {tumor['diameter_mm']:.1f} mm{uncertainty}")
     if stats.get("liver_volume_ml") is not None:
         lines.append(f"liver volume: {stats['liver_volume_ml']:.0f} mL")
     if stats.get("tumor_burden") is not None:

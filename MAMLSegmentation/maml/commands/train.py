@@ -13,7 +13,7 @@ _OPTION_ARGS = {
     "oversample": "oversample_foreground", "augmentation": "augmentation", "fold": "fold",
     "val_cases": "val_cases", "val_every": "val_every", "seed": "seed", "device": "device",
     "workers": "num_workers", "threads": "threads", "register": "register",
-    "normalization": "normalization", "grad_clip": "grad_clip",
+    "normalization": "normalization", "grad_clip": "grad_clip", "data_kind": "data_kind",
 }
 
 
@@ -61,6 +61,9 @@ def configure(parser):
                              "set's foreground CT statistics), ct (each image's own percentiles), "
                              "mr (z-score of non-zero voxels), none; default: from the "
                              "configuration or the channel names")
+    parser.add_argument("--data-kind", choices=["synthetic", "clinical"],
+                        help="what the training images are (recorded in the model and shown to "
+                             "users); default: the data set's dataset.json says, else clinical")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
