@@ -24,6 +24,7 @@ COMMANDS = {
     "segment-batch": "segment_batch",
     "tune-postprocessing": "tune_postprocessing",
     "demo": "demo",
+    "models": "models",
 }
 
 
