@@ -414,6 +414,10 @@ def download(url: str, target: Path, progress: Progress, ca_bundle: str | Path |
         raise InputError(f"model address {url}: the server answered {error.code} {error.reason}; "
                          "nothing was installed") from None
     except urllib.error.URLError as error:
+        if isinstance(error.reason, ssl.SSLCertVerificationError):
+            raise InputError(f"model address {url}: the server's certificate cannot be verified "
+                             f"({error.reason.verify_message}); if your network uses its own "
+                             "certificate authority, give it with --ca-bundle. Nothing was installed") from None
         raise InputError(f"model address {url} cannot be reached ({_reason(error.reason)}); "
                          "nothing was installed") from None
     except (OSError, ValueError, http.client.HTTPException) as error:
