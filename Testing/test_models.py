@@ -305,7 +305,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 return
             if name.startswith("slow-"):
-                time.sleep(0.05)
+                time.sleep(0.1)
 
 
 class HTTPSServer:

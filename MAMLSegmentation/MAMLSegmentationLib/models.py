@@ -148,15 +148,15 @@ class ModelCommandRun:
         if self.state != "running":
             return []
         events = self.process.poll()
-        for event in events:
-            if event.step == "done":
-                self.installedName = str(event.data.get("name") or "")
         if self.process.state != "running":
             self._finish()
         return events
 
     def _finish(self) -> None:
         self.state = self.process.state
+        last = self.process.lastEvent
+        if self.state == "done" and last is not None:
+            self.installedName = str(last.data.get("name") or "")
         if self.state == "cancelled":
             self.error = CancelledError(f"{self.what} cancelled; nothing was installed.")
         elif self.state != "done":
