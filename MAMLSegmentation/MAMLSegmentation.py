@@ -153,7 +153,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.optionsCollapsibleButton.enabled = not running
         self.ui.modelComboBox.enabled = not modelBusy
-        self.ui.installModelButton.text = "Cancel install" if modelBusy else "Install model..."
+        self.ui.installModelButton.text = "Cancel" if modelBusy else "Install model..."
 
     def updateDeviceChoices(self):
         reason = "PyTorch is not installed yet."
@@ -180,7 +180,8 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.setCurrentIndex(max(combo.findData(select), 0) if select else 0)
         combo.blockSignals(wasBlocked)
         self.onModelChanged()
-        if catalog.modelsWithoutCard() and self.modelRun is None and not self._cardUpdateStarted:
+        if (catalog.modelsWithoutCard() and self.modelRun is None and not self._cardUpdateStarted
+                and find_spec("torch") is not None):  # reading a checkpoint needs PyTorch
             self._cardUpdateStarted = True  # once: a checkpoint that does not load keeps no card
             self.startModelRun(self.logic.startModelCardUpdate(), "Reading the installed models...")
 
@@ -211,6 +212,8 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.modelRun is not None and self.modelRun.isRunning:
             self.modelRun.cancel()
             self.onModelTimer()
+            return
+        if not ensureDependencies():  # the engine loads the model to check it
             return
         source, sha256 = self.askModelSource()
         if not source:
@@ -256,7 +259,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.modelRun = None
         if run.error is not None:
             self.ui.statusLabel.text = str(run.error)
-            if not isinstance(run.error, lib.CancelledError):
+            if run.isInstall and not isinstance(run.error, lib.CancelledError):
                 slicer.util.errorDisplay(str(run.error), detailedText=run.process.logText())
         elif run.installedName:
             self.ui.statusLabel.text = f"Installed model {run.installedName}."

@@ -418,3 +418,31 @@ def test_name_is_checked(served_model, user_dir):
     with pytest.raises(InputError, match="model name"):
         models.install_model(str(served_model), name="../../etc/x")
     assert snapshot(user_dir) == {}
+
+
+def test_list_rewrites_a_card_that_names_another_checksum(tiny_checkpoint, user_dir, capsys):
+    """A checkpoint replaced with ``cp -p`` keeps an old time: its card is caught by the checksum."""
+    user_dir.mkdir()
+    target = user_dir / "lab.pt"
+    shutil.copy(tiny_checkpoint, target)
+    write_sidecar(load_model(target))
+    config = tiny_config(base_features=2)
+    other = save_checkpoint(user_dir.parent / "other.pt", MAMLNet(config), config, sidecar=False)
+    shutil.copy2(other, target)
+    os.utime(target, ns=(0, 0))
+    assert models.read_card(target)[0]["sha256"] == sha256(tiny_checkpoint)  # looks fresh by time
+    assert main(["models", "list", "--json"]) == 0
+    listing = {m["name"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+    assert listing["lab"]["card"]["sha256"] == sha256(target)
+    assert json.loads((user_dir / "lab.json").read_text())["config"]["network"]["base_features"] == 2
+
+
+def test_listing_without_pytorch_reports_instead_of_failing(tiny_checkpoint, user_dir, monkeypatch):
+    """A fresh Slicer has no PyTorch yet: the cards are listed, a card-less checkpoint says why."""
+    user_dir.mkdir()
+    shutil.copy(tiny_checkpoint, user_dir / "copied.pt")
+    monkeypatch.setitem(sys.modules, "maml.model", None)  # makes `from .model import ...` fail
+    listed = {m.name: m for m in models.update_cards(models.installed_models())}
+    assert listed["maml_liver_demo"].card is not None
+    assert listed["copied"].card is None and "cannot read the checkpoint" in listed["copied"].card_problem
+    assert not (user_dir / "copied.json").exists()

@@ -384,7 +384,7 @@ class MAMLSegmentationLogic:
             raise MAMLSegmentationError(f"Model file not found: {source}")
         process = EngineProcess(self.buildModelInstallCommand(source, sha256, name),
                                 env=self.engineEnvironment(), popen=self.popen)
-        return ModelCommandRun(process, self.models, "Model installation")
+        return ModelCommandRun(process, self.models, "Model installation", isInstall=True)
 
     def installModel(self, source, sha256=None, name=None, progressCallback=None) -> str:
         """Blocking install (console); returns the installed model's name."""

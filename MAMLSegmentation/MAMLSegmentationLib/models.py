@@ -132,10 +132,11 @@ class ModelCommandRun:
     holds a ``MAMLSegmentationError`` on failure or cancel, ``installedName`` the new model's name.
     """
 
-    def __init__(self, process: EngineProcess, catalog: ModelCatalog, what: str):
+    def __init__(self, process: EngineProcess, catalog: ModelCatalog, what: str, isInstall: bool = False):
         self.process = process
         self.catalog = catalog
         self.what = what
+        self.isInstall = isInstall
         self.error: MAMLSegmentationError | None = None
         self.installedName = ""
         self.state = "running"

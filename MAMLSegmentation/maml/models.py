@@ -136,11 +136,17 @@ def find_installed(name: str, user_dir: Path | None = None, bundled_dir: Path = 
 def update_cards(models: list[InstalledModel], progress: Progress | None = None) -> list[InstalledModel]:
     """Writes the missing or stale card of every user model (loads each such checkpoint: torch).
 
-    A checkpoint that does not load keeps ``card`` None and says why in ``card_problem``.
+    Stale: older than its checkpoint, or naming another checksum (a file copied in with its old
+    time). A checkpoint that does not load keeps ``card`` None and says why in ``card_problem``.
     """
-    from .model import file_sha256, load_model, write_sidecar
-
     todo = [m for m in models if m.source == "user"]
+    try:
+        from .model import file_sha256, load_model, write_sidecar
+    except ImportError as error:  # no PyTorch yet (a fresh Slicer): list what the cards say
+        for model in todo:
+            if model.card is None:
+                model.card_problem = f"{model.card_problem}; cannot read the checkpoint ({error})"
+        return models
     for index, model in enumerate(todo):
         if progress:
             progress("cards", index / max(len(todo), 1), model.name)
