@@ -446,3 +446,14 @@ def test_listing_without_pytorch_reports_instead_of_failing(tiny_checkpoint, use
     assert listed["maml_liver_demo"].card is not None
     assert listed["copied"].card is None and "cannot read the checkpoint" in listed["copied"].card_problem
     assert not (user_dir / "copied.json").exists()
+
+
+def test_a_killed_install_s_staging_folder_is_removed_a_day_later(tiny_checkpoint, user_dir):
+    old, recent = user_dir / ".install-old", user_dir / ".install-recent"
+    for folder in (old, recent):
+        folder.mkdir(parents=True)
+        (folder / "half.pt").write_bytes(b"half")
+    os.utime(old, (time.time() - 2 * models.STALE_STAGING_S,) * 2)
+    models.install_model(str(tiny_checkpoint))
+    assert not old.exists() and recent.exists()  # a recent one may be another install under way
+    assert [m.name for m in models.installed_models()] == ["maml_liver_demo", "tiny"]

@@ -23,6 +23,7 @@ import shutil
 import ssl
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,6 +42,8 @@ CHECKPOINT_SUFFIX, CARD_SUFFIX = ".pt", ".json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 DOWNLOAD_TIMEOUT_S = 60
+STAGING_PREFIX = ".install-"
+STALE_STAGING_S = 24 * 3600  # a staging folder this old was left by a killed install
 _CHUNK = 1 << 20
 _SOURCES = ("bundled", "user")
 _REQUIRED_CATALOG_KEYS = {"name": str, "sha256": str, "description": str, "phases": list,
@@ -293,7 +296,8 @@ def install_model(source: str, sha256: str | None = None, name: str | None = Non
                          f"'maml models remove {name}' or choose another --name")
     try:
         user_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".install-", dir=user_dir))
+        _remove_stale_staging(user_dir)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=user_dir))
     except OSError as error:
         raise InputError(f"cannot write to the models folder {user_dir}: {error.strerror or error}") from None
     try:
@@ -338,6 +342,17 @@ def remove_model(name: str, user_dir: Path | None = None, bundled_dir: Path = BU
     model.path.unlink()  # the checkpoint first: a card left alone is ignored
     card_path(model.path).unlink(missing_ok=True)
     return model.path
+
+
+def _remove_stale_staging(user_dir: Path) -> None:
+    """SIGKILL (or a power cut) skips the clean-up; such folders are hidden and removed a day later."""
+    now = time.time()
+    for folder in user_dir.glob(f"{STAGING_PREFIX}*"):
+        try:
+            if folder.is_dir() and now - folder.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _check_sha256(sha256: str | None) -> str | None:
