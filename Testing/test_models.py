@@ -457,3 +457,12 @@ def test_a_killed_install_s_staging_folder_is_removed_a_day_later(tiny_checkpoin
     models.install_model(str(tiny_checkpoint))
     assert not old.exists() and recent.exists()  # a recent one may be another install under way
     assert [m.name for m in models.installed_models()] == ["maml_liver_demo", "tiny"]
+
+
+def test_a_model_argument_is_a_file_or_an_installed_name(tiny_checkpoint, user_dir):
+    assert models.resolve_model(tiny_checkpoint) == tiny_checkpoint
+    assert models.resolve_model("maml_liver_demo") == BUNDLED / "maml_liver_demo.pt"
+    models.install_model(str(tiny_checkpoint), name="lab")
+    assert models.resolve_model("lab") == user_dir / "lab.pt"
+    with pytest.raises(InputError, match=r"installed: maml_liver_demo, lab; see maml models list"):
+        models.resolve_model("absent")

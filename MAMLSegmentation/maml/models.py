@@ -136,6 +136,18 @@ def find_installed(name: str, user_dir: Path | None = None, bundled_dir: Path = 
     return next((m for m in installed_models(user_dir, bundled_dir) if m.name == name), None)
 
 
+def resolve_model(value: str | Path, user_dir: Path | None = None, bundled_dir: Path = BUNDLED_DIR) -> Path:
+    """A ``--model`` argument: a checkpoint file, or the name of an installed model."""
+    if Path(value).is_file():
+        return Path(value)
+    model = find_installed(str(value), user_dir, bundled_dir)
+    if model is not None:
+        return model.path
+    names = ", ".join(m.name for m in installed_models(user_dir, bundled_dir)) or "none"
+    raise InputError(f"model {value} is neither a checkpoint file nor an installed model "
+                     f"(installed: {names}; see maml models list)")
+
+
 def update_cards(models: list[InstalledModel], progress: Progress | None = None) -> list[InstalledModel]:
     """Writes the missing or stale card of every user model (loads each such checkpoint: torch).
 
