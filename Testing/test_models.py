@@ -466,3 +466,15 @@ def test_a_model_argument_is_a_file_or_an_installed_name(tiny_checkpoint, user_d
     assert models.resolve_model("lab") == user_dir / "lab.pt"
     with pytest.raises(InputError, match=r"installed: maml_liver_demo, lab; see maml models list"):
         models.resolve_model("absent")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_models_folder_is_one_clear_error(tiny_checkpoint, user_dir):
+    user_dir.mkdir()
+    user_dir.chmod(0o500)
+    try:
+        with pytest.raises(InputError, match="cannot write to the models folder"):
+            models.install_model(str(tiny_checkpoint))
+    finally:
+        user_dir.chmod(0o700)
+    assert snapshot(user_dir) == {}

@@ -337,6 +337,9 @@ def install_model(source: str, sha256: str | None = None, name: str | None = Non
         except OSError:
             card_path(target).unlink(missing_ok=True)
             raise
+    except OSError as error:  # a full disk, a folder that became read-only
+        raise InputError(f"cannot install model {name} into {user_dir}: {error.strerror or error}; "
+                         "nothing was installed") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     card, problem = read_card(target)
