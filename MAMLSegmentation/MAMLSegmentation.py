@@ -179,6 +179,8 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.setItemData(combo.count - 1, lib.cardDetails(model.card, model.card_problem), qt.Qt.ToolTipRole)
         combo.setCurrentIndex(max(combo.findData(select), 0) if select else 0)
         combo.blockSignals(wasBlocked)
+        if catalog.catalogProblem:  # the installed models are still listed
+            self.ui.statusLabel.text = catalog.catalogProblem
         self.onModelChanged()
         if (catalog.modelsWithoutCard() and self.modelRun is None and not self._cardUpdateStarted
                 and find_spec("torch") is not None):  # reading a checkpoint needs PyTorch

@@ -157,3 +157,14 @@ def test_card_of_a_hand_copied_checkpoint_is_written_in_the_background(tiny_chec
     assert run.wait(timeout=120) == ""
     assert logic.models.modelsWithoutCard() == []
     assert logic.models.model("copied").card["path"] == "copied.pt"
+
+
+def test_a_bad_user_catalog_is_reported_and_hides_no_installed_model(tiny_checkpoint, user_dir):  # noqa: F811
+    user_dir.mkdir()
+    shutil.copy(tiny_checkpoint, user_dir / "lab.pt")
+    (user_dir / "models.json").write_text(json.dumps({"format": "maml-model-catalog", "version": 1,
+                                                      "models": [{"name": "x"}]}))
+    catalog = ModelCatalog(user_dir)
+    assert catalog.names() == ["maml_liver_demo", "lab"]
+    assert "entry 1 ('x')" in catalog.catalogProblem and "models.json" in catalog.catalogProblem
+    assert catalog.available == []
