@@ -478,3 +478,29 @@ def test_read_only_models_folder_is_one_clear_error(tiny_checkpoint, user_dir):
     finally:
         user_dir.chmod(0o700)
     assert snapshot(user_dir) == {}
+
+
+def test_card_of_metadata_holding_tensors_is_plain_json(tmp_path, capsys):
+    """Training may keep statistics as tensors in the metadata: the card and maml info stay JSON."""
+    config = tiny_config()
+    path = save_checkpoint(tmp_path / "stats.pt", MAMLNet(config), config,
+                           {"statistics": {"mean": torch.tensor([1.5, 2.0]), "count": 3}})
+    card = json.loads(models.card_path(path).read_text())
+    assert card["metadata"]["statistics"] == {"mean": [1.5, 2.0], "count": 3}
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"] == card["metadata"]
+
+
+def test_maml_train_writes_the_cards_of_its_checkpoints(tmp_path):
+    from maml.training import train
+    from test_training import tiny_model_config, tiny_options, write_tiny_dataset
+
+    dataset = write_tiny_dataset(tmp_path / "Dataset001_Tiny", n_cases=3)
+    torch.set_num_threads(1)
+    train(dataset, tmp_path / "run", tiny_model_config(),
+          tiny_options(epochs=1, iterations_per_epoch=1, augmentation="none"), progress=False)
+    for name in ("checkpoint_latest", "checkpoint_best"):
+        checkpoint = tmp_path / "run" / f"{name}.pt"
+        card, problem = models.read_card(checkpoint)
+        assert problem == "" and card == json_round_trip(load_model(checkpoint).card())
+        assert card["metadata"]["trained_epochs"] == 1

@@ -50,7 +50,7 @@ class LoadedModel:
             "intended_use": self.config.intended_use,
             "parameters": sum(p.numel() for p in self.network.parameters()),
             "config": self.config.to_dict(),
-            "metadata": self.metadata,
+            "metadata": _plain(self.metadata),
         }
 
     def card(self) -> dict[str, Any]:
@@ -58,6 +58,17 @@ class LoadedModel:
         description = self.describe()
         description["path"] = self.path.name if self.path else None
         return description
+
+
+def _plain(value: Any) -> Any:
+    """Metadata as JSON types: tensors (e.g. statistics kept as tensors) become lists."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
 
 
 def sidecar_path(checkpoint: str | Path) -> Path:
