@@ -180,7 +180,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.setCurrentIndex(max(combo.findData(select), 0) if select else 0)
         combo.blockSignals(wasBlocked)
         if catalog.catalogProblem:  # the installed models are still listed
-            self.ui.statusLabel.text = catalog.catalogProblem
+            self.ui.statusLabel.text = f"{self.ui.statusLabel.text} {catalog.catalogProblem}".strip()
         self.onModelChanged()
         if (catalog.modelsWithoutCard() and self.modelRun is None and not self._cardUpdateStarted
                 and find_spec("torch") is not None):  # reading a checkpoint needs PyTorch
@@ -259,6 +259,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.modelTimer.stop()
         self.modelRun = None
+        self.ui.logTextEdit.setPlainText(run.process.logText())
         if run.error is not None:
             self.ui.statusLabel.text = str(run.error)
             if run.isInstall and not isinstance(run.error, lib.CancelledError):
