@@ -179,7 +179,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.setItemData(combo.count - 1, lib.cardDetails(model.card, model.card_problem), qt.Qt.ToolTipRole)
         combo.setCurrentIndex(max(combo.findData(select), 0) if select else 0)
         combo.blockSignals(wasBlocked)
-        if catalog.catalogProblem:  # the installed models are still listed
+        if catalog.catalogProblem and catalog.catalogProblem not in self.ui.statusLabel.text:  # models still listed
             self.ui.statusLabel.text = f"{self.ui.statusLabel.text} {catalog.catalogProblem}".strip()
         self.onModelChanged()
         if (catalog.modelsWithoutCard() and self.modelRun is None and not self._cardUpdateStarted
