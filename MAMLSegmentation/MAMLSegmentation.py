@@ -22,6 +22,7 @@ from slicer.util import VTKObservationMixin
 
 import MAMLSegmentationLib as lib
 
+MODEL_SETTING = "MAMLSegmentation/Model"  # the model chosen last (application settings)
 CITATION = ("Y. Zhang et al., Modality-aware Mutual Learning for Multi-modal Medical Image Segmentation, "
             "MICCAI 2021 (arXiv:2107.09842).")
 
@@ -59,7 +60,6 @@ class MAMLSegmentationParameterNode:
     venousVolume: vtkMRMLScalarVolumeNode
     referencePhase: Annotated[str, Choice(["venous", "arterial"])] = "venous"
     registration: Annotated[str, Choice(["deformable", "rigid", "affine", "none"])] = "deformable"
-    modelPath: pathlib.Path
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     postprocess: bool = True
     acceptOutOfDistribution: bool = False
@@ -75,6 +75,8 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.run = None
+        self.modelRun = None   # maml models install / list in the background
+        self._cardUpdateStarted = False
         self.result = None
 
     def setup(self):
@@ -87,20 +89,26 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onTimer)
+        self.modelTimer = qt.QTimer()
+        self.modelTimer.setInterval(200)
+        self.modelTimer.connect("timeout()", self.onModelTimer)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.installModelButton.connect("clicked(bool)", self.onInstallModelButton)
         self.ui.heatmapPhaseComboBox.connect("currentIndexChanged(int)", self.showHeatmap)
         self.ui.heatmapOpacitySlider.connect("valueChanged(double)", self.showHeatmap)
         self.initializeParameterNode()
         self.updateDeviceChoices()
-        qt.QTimer.singleShot(0, self.updateModelInfo)  # runs `maml info`: after the panel is shown
+        self.updateModelList(qt.QSettings().value(MODEL_SETTING))
 
     def cleanup(self):
         self.removeObservers()
         if self.run is not None:
             self.run.cancel()
+        if self.modelRun is not None:
+            self.modelRun.cancel()
 
     def enter(self):
         self.initializeParameterNode()
@@ -139,10 +147,14 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateGUI(self, caller=None, event=None):
         p = self._parameterNode
         running = self.run is not None and self.run.isRunning
+        modelBusy = self.modelRun is not None and self.modelRun.isRunning
         self.ui.segmentButton.text = "Cancel" if running else "Segment"
-        self.ui.segmentButton.enabled = running or bool(p and (p.arterialVolume or p.venousVolume))
+        self.ui.segmentButton.enabled = running or bool(
+            not modelBusy and self.selectedModel() and p and (p.arterialVolume or p.venousVolume))
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.optionsCollapsibleButton.enabled = not running
+        self.ui.modelComboBox.enabled = not modelBusy
+        self.ui.installModelButton.text = "Cancel" if modelBusy else "Install model..."
 
     def updateDeviceChoices(self):
         reason = "PyTorch is not installed yet."
@@ -155,25 +167,107 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if reason and self._parameterNode and self._parameterNode.device == "cuda":
             self._parameterNode.device = "auto"
 
-    def modelFile(self):
-        path = str(self._parameterNode.modelPath) if self._parameterNode and self._parameterNode.modelPath else ""
-        if path in ("", "."):
-            bundled = lib.bundledModels()
-            return str(bundled[0]) if bundled else None
-        return path
+    # --- models: listed from their JSON cards (no torch, no engine on the GUI thread) ---------------
+    def updateModelList(self, select=None):
+        catalog = self.logic.models
+        catalog.refresh()
+        combo = self.ui.modelComboBox
+        select = select or combo.itemData(combo.currentIndex)
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for model in catalog.models:
+            combo.addItem(f"{model.name} (bundled)" if model.source == "bundled" else model.name, model.name)
+            combo.setItemData(combo.count - 1, lib.cardDetails(model.card, model.card_problem), qt.Qt.ToolTipRole)
+        combo.setCurrentIndex(max(combo.findData(select), 0) if select else 0)
+        combo.blockSignals(wasBlocked)
+        if catalog.catalogProblem and catalog.catalogProblem not in self.ui.statusLabel.text:  # models still listed
+            self.ui.statusLabel.text = f"{self.ui.statusLabel.text} {catalog.catalogProblem}".strip()
+        self.onModelChanged()
+        if (catalog.modelsWithoutCard() and self.modelRun is None and not self._cardUpdateStarted
+                and find_spec("torch") is not None):  # reading a checkpoint needs PyTorch
+            self._cardUpdateStarted = True  # once: a checkpoint that does not load keeps no card
+            self.startModelRun(self.logic.startModelCardUpdate(), "Reading the installed models...")
 
-    def updateModelInfo(self, *args):
-        try:
-            info = self.logic.modelInfo(self.modelFile())
-        except lib.MAMLSegmentationError as error:
-            self.ui.modelInfoLabel.text = f"Model information unavailable: {error}"
+    def selectedModel(self):
+        combo = self.ui.modelComboBox
+        name = combo.itemData(combo.currentIndex) if combo.count else None
+        return self.logic.models.model(name) if name else None
+
+    def modelFile(self):
+        model = self.selectedModel()
+        return str(model.path) if model else None
+
+    def onModelChanged(self, *args):
+        model = self.selectedModel()
+        if model is None:
+            self.ui.modelInfoLabel.text = "No model installed: click Install model..."
+            self.updateGUI()
             return
-        phases = info.get("phases", list(lib.PHASES))
-        labels = ", ".join(entry.get("name", "?") for entry in info.get("labels", []))
-        self.ui.modelInfoLabel.text = (f"Phases: {', '.join(phases)}. Labels: {labels}.\n"
-                                       f"{info.get('intended_use', 'Synthetic demo model, not for clinical use.')}")
+        qt.QSettings().setValue(MODEL_SETTING, model.name)
+        self.ui.modelInfoLabel.text = lib.cardSummary(model.card, model.card_problem)
+        self.ui.modelInfoLabel.toolTip = lib.cardDetails(model.card, model.card_problem)
+        phases = lib.modelPhases(model)
         self.ui.arterialVolumeSelector.enabled = "arterial" in phases
         self.ui.venousVolumeSelector.enabled = "venous" in phases
+        self.updateGUI()
+
+    def onInstallModelButton(self):
+        if self.modelRun is not None and self.modelRun.isRunning:
+            self.modelRun.cancel()
+            self.onModelTimer()
+            return
+        if not ensureDependencies():  # the engine loads the model to check it
+            return
+        source, sha256 = self.askModelSource()
+        if not source:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot install the model.", waitCursor=True):
+            self.startModelRun(self.logic.startModelInstall(source, sha256), "Installing the model...")
+
+    def askModelSource(self):
+        """(file, address or catalog name; SHA-256) from small dialogs; ("", "") when cancelled."""
+        fromFile, fromAddress = "A model file (.pt) on this computer", "An https address and its SHA-256"
+        catalog = {f"From the catalog: {entry.name} ({entry.description[:60]})": entry.name
+                   for entry in self.logic.models.available if entry.url}
+        choice = qt.QInputDialog.getItem(slicer.util.mainWindow(), "Install model", "Install from:",
+                                         [fromFile, fromAddress, *catalog], 0, False)
+        if choice == fromFile:
+            return qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Choose a MAML model", "",
+                                                  "MAML model (*.pt)"), None
+        if choice == fromAddress:
+            address = qt.QInputDialog.getText(slicer.util.mainWindow(), "Install model", "https address:")
+            sha256 = qt.QInputDialog.getText(slicer.util.mainWindow(), "Install model",
+                                             "SHA-256 checksum (64 hexadecimal digits):") if address else ""
+            return (address, sha256) if address and sha256 else ("", "")
+        return catalog.get(choice, ""), None
+
+    def startModelRun(self, run, status):
+        self.modelRun = run
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = status
+        self.modelTimer.start()
+        self.updateGUI()
+
+    def onModelTimer(self):
+        run = self.modelRun
+        if run is None:
+            return
+        for event in run.poll():
+            if event.fraction is not None:
+                self.ui.progressBar.value = int(100 * event.fraction)
+            self.ui.statusLabel.text = f"{event.step}: {event.message}"
+        if run.isRunning:
+            return
+        self.modelTimer.stop()
+        self.modelRun = None
+        self.ui.logTextEdit.setPlainText(run.process.logText())
+        if run.error is not None:
+            self.ui.statusLabel.text = str(run.error)
+            if run.isInstall and not isinstance(run.error, lib.CancelledError):
+                slicer.util.errorDisplay(str(run.error), detailedText=run.process.logText())
+        elif run.installedName:
+            self.ui.statusLabel.text = f"Installed model {run.installedName}."
+        self.updateModelList(run.installedName or None)
 
     def onSegmentButton(self):
         if self.run is not None and self.run.isRunning:
@@ -185,8 +279,10 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self.ui.logTextEdit.clear()
+            phases = lib.modelPhases(self.selectedModel())
             self.run = self.logic.startSegmentation(
-                {"arterial": p.arterialVolume, "venous": p.venousVolume}, p.outputSegmentation,
+                {phase: node for phase, node in {"arterial": p.arterialVolume, "venous": p.venousVolume}.items()
+                 if phase in phases}, p.outputSegmentation,
                 self.modelFile(), p.registration, p.device, p.referencePhase, postprocess=p.postprocess,
                 acceptOutOfDistribution=p.acceptOutOfDistribution)
             self.showDomainCheck({})

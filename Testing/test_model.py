@@ -35,7 +35,7 @@ def test_checkpoint_loads_with_weights_only(checkpoint):
 
 def test_save_is_atomic_and_leaves_no_temporary_files(checkpoint):
     path = checkpoint[0]
-    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.json", "model.pt"]  # checkpoint + card
 
 
 def test_missing_file(tmp_path):

@@ -9,12 +9,14 @@ from .errors import CancelledError, MAMLSegmentationError, OutOfDistributionRefu
 from .logic import (DEVICES, PHASES, REGISTRATION_PRESETS, MAMLSegmentationLogic, SegmentationResult,
                     SegmentationRun, bundledModels, missingPipRequirements, pipConstraints, pipInstallArguments,
                     sampleDataFiles, sampleDataSources)
+from .models import ModelCatalog, ModelCommandRun, cardDetails, cardSummary, modelPhases
 from .process import EngineProcess, ProgressEvent, parseProgressLine
 from .results import STANDARD_SEGMENTS, importEngineOutput, readEngineOutput
 
 __all__ = [
     "CancelledError", "DEVICES", "EngineProcess", "MAMLSegmentationError", "MAMLSegmentationLogic",
     "OutOfDistributionRefusal", "PHASES",
+    "ModelCatalog", "ModelCommandRun", "cardDetails", "cardSummary", "modelPhases",
     "ProgressEvent", "REGISTRATION_PRESETS", "STANDARD_SEGMENTS", "SegmentationResult", "SegmentationRun",
     "addVolumeNodeFromImage", "bundledModels", "checkVolume3D", "ijkToRASFromImage", "imageFromVolumeNode",
     "importEngineOutput", "missingPipRequirements", "parseProgressLine", "pipConstraints", "pipInstallArguments",

@@ -30,6 +30,7 @@ import SimpleITK as sitk
 
 from .conversion import checkVolume3D, imageFromVolumeNode
 from .errors import CancelledError, MAMLSegmentationError, OutOfDistributionRefusal
+from .models import ModelCatalog, ModelCommandRun
 from .process import EXIT_REFUSED, EngineProcess, ProgressEvent
 from .results import importEngineOutput, readEngineOutput
 
@@ -288,15 +289,18 @@ class MAMLSegmentationLogic:
     ``defaultModel``: checkpoint used when a call names none (else ``$MAML_MODEL``, else the bundled
     demo model, as the engine does).
     ``popen``: how processes are started.
+    ``modelsDir``: the user models folder (default ``$MAML_MODELS``, else under Slicer's settings
+    folder); ``models`` (a ``ModelCatalog``) lists it with the bundled model.
     """
 
     def __init__(self, pythonExecutable: str | None = None, engineCommand: list | None = None,
-                 popen=subprocess.Popen, scene=None, defaultModel=None):
+                 popen=subprocess.Popen, scene=None, defaultModel=None, modelsDir=None):
         self.pythonExecutable = pythonExecutable or defaultPythonExecutable()
         self.engineCommand = list(engineCommand) if engineCommand else None
         self.popen = popen
         self.scene = scene
         self.defaultModel = defaultModel
+        self.models = ModelCatalog(modelsDir)
 
     # --- the engine's command line -------------------------------------------------------------
     def engineCommandPrefix(self) -> list:
@@ -307,6 +311,7 @@ class MAMLSegmentationLogic:
         paths = [str(MODULE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         env["PYTHONPATH"] = os.pathsep.join(paths)
         env["PYTHONUNBUFFERED"] = "1"
+        env["MAML_MODELS"] = str(self.models.userDir)  # the engine sees the folder the panel lists
         return env
 
     def buildSegmentCommand(self, phasePaths: dict, outputDir, model=None, registration="deformable",
@@ -336,8 +341,16 @@ class MAMLSegmentationLogic:
         return options + ["--json-progress"]
 
     def modelInfo(self, model=None, timeout: float = 120) -> dict:
-        """The model's configuration (``maml info MODEL --json``): phases, labels, intended use."""
+        """The model's card (phases, labels, intended use, training): what ``maml info --json`` prints.
+
+        Read from the JSON sidecar beside the checkpoint (no torch, no engine). A checkpoint without
+        one is asked with ``maml info MODEL --json``, which blocks: the panel never does that, it
+        lists models through ``models`` and has missing cards written in the background.
+        """
         model = self.resolveModel(model)
+        card = self.models.cardForPath(model)
+        if card is not None:
+            return card
         key = (str(Path(model).resolve()), Path(model).stat().st_mtime_ns)
         if key in _MODEL_INFO_CACHE:
             return dict(_MODEL_INFO_CACHE[key])
@@ -358,6 +371,45 @@ class MAMLSegmentationLogic:
         _MODEL_INFO_CACHE[key] = info
         return dict(info)
 
+    # --- installing models ----------------------------------------------------------------------
+    def buildModelInstallCommand(self, source, sha256=None, name=None) -> list:
+        command = [*self.engineCommandPrefix(), "models", "install", str(source)]
+        if sha256:
+            command += ["--sha256", str(sha256).strip()]
+        if name:
+            command += ["--name", str(name)]
+        return command + ["--json-progress"]
+
+    def startModelInstall(self, source, sha256=None, name=None) -> ModelCommandRun:
+        """``maml models install`` in the background: a file, an https address (with its SHA-256)
+        or a catalog entry's name. Returns at once; poll() / wait() / cancel() the run."""
+        source = str(source).strip()
+        if not source:
+            raise MAMLSegmentationError("Choose a model file or give an https address.")
+        if "://" in source:
+            if not source.startswith("https://"):
+                raise MAMLSegmentationError(f"Only https addresses are installed, not {source}.")
+            if not sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha256).strip()):
+                raise MAMLSegmentationError(
+                    "Give the model's SHA-256 checksum (64 hexadecimal digits) with its address: the "
+                    "download is verified against it.")
+        elif not Path(source).is_file() and source not in {e.name for e in self.models.available}:
+            raise MAMLSegmentationError(f"Model file not found: {source}")
+        process = EngineProcess(self.buildModelInstallCommand(source, sha256, name),
+                                env=self.engineEnvironment(), popen=self.popen)
+        return ModelCommandRun(process, self.models, "Model installation", isInstall=True)
+
+    def installModel(self, source, sha256=None, name=None, progressCallback=None) -> str:
+        """Blocking install (console); returns the installed model's name."""
+        return self.startModelInstall(source, sha256, name).wait(progressCallback=progressCallback or _printProgress)
+
+    def startModelCardUpdate(self) -> ModelCommandRun:
+        """``maml models list`` in the background: writes the card of checkpoints copied into the
+        user folder by hand (loading them needs torch, so never on the GUI thread)."""
+        process = EngineProcess([*self.engineCommandPrefix(), "models", "list", "--json-progress"],
+                                env=self.engineEnvironment(), popen=self.popen)
+        return ModelCommandRun(process, self.models, "Reading the models")
+
     # --- input checks ---------------------------------------------------------------------------
     @staticmethod
     def checkModel(model):
@@ -370,8 +422,12 @@ class MAMLSegmentationLogic:
         return path
 
     def resolveModel(self, model=None) -> Path:
-        """The model file a run will use: the given one, else ``defaultModel``, else the engine's default."""
-        given = self.checkModel(model if model not in (None, "") else self.defaultModel)
+        """The model file a run will use: the given one (a file, or an installed model's name), else
+        ``defaultModel``, else the engine's default."""
+        model = model if model not in (None, "") else self.defaultModel
+        if isinstance(model, str) and not Path(model).is_file() and self.models.model(model) is not None:
+            return self.models.model(model).path
+        given = self.checkModel(model)
         if given is not None:
             return given
         default = defaultModelPath()

@@ -25,6 +25,7 @@ COMMANDS = {
     "fingerprint": "fingerprint",
     "tune-postprocessing": "tune_postprocessing",
     "demo": "demo",
+    "models": "models",
 }
 
 

@@ -1,12 +1,18 @@
 """Checkpoint files: one file = configuration + weights + training metadata + format version.
 
 Loaded with ``torch.load(weights_only=True)``: a checkpoint holds only tensors and plain data, so
-opening a file from someone else cannot run code.
+opening a file from someone else cannot run code; a file that carries pickled code is refused.
+
+Beside every checkpoint ``<name>.pt`` lies its model card ``<name>.json``: what ``maml info --json``
+prints (:meth:`LoadedModel.describe`), with ``path`` reduced to the checkpoint's file name. The
+Slicer panel reads it to show the model without importing torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +21,12 @@ import torch
 
 from .config import ModelConfig
 from .errors import ModelError
-from .io import atomic_path
+from .io import atomic_path, write_json
 from .network import MAMLNet
 
 FORMAT = "maml-checkpoint"
 FORMAT_VERSION = 1
+SIDECAR_SUFFIX = ".json"
 
 
 @dataclass
@@ -48,8 +55,36 @@ class LoadedModel:
             "config": self.config.to_dict(),
             "data_kind": self.metadata.get("data_kind") or fingerprint.get("data_kind") or "unknown",
             "fingerprint": fingerprint_summary(fingerprint),
-            "metadata": {k: v for k, v in self.metadata.items() if k != "fingerprint"},
+            "metadata": _plain({k: v for k, v in self.metadata.items() if k != "fingerprint"}),
         }
+
+    def card(self) -> dict[str, Any]:
+        """The sidecar's content: :meth:`describe` with ``path`` = the checkpoint's file name."""
+        description = self.describe()
+        description["path"] = self.path.name if self.path else None
+        return description
+
+
+def _plain(value: Any) -> Any:
+    """Metadata as JSON types: tensors (e.g. statistics kept as tensors) become lists."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def sidecar_path(checkpoint: str | Path) -> Path:
+    """``<name>.json`` beside ``<name>.pt``."""
+    return Path(checkpoint).with_suffix(SIDECAR_SUFFIX)
+
+
+def write_sidecar(model: LoadedModel, path: str | Path | None = None) -> Path:
+    """Writes the model card beside the checkpoint (or at ``path``), atomically."""
+    target = Path(path) if path is not None else sidecar_path(model.path)
+    return write_json(model.card(), target)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -61,8 +96,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def save_checkpoint(path: str | Path, network: MAMLNet, config: ModelConfig,
-                    metadata: dict[str, Any] | None = None) -> Path:
-    """Writes atomically: a temporary file in the same folder, then a rename."""
+                    metadata: dict[str, Any] | None = None, sidecar: bool = True) -> Path:
+    """Writes atomically: a temporary file in the same folder, then a rename; then its model card
+    (``sidecar``), written after the checkpoint so it is never older than it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
@@ -75,6 +111,9 @@ def save_checkpoint(path: str | Path, network: MAMLNet, config: ModelConfig,
     }
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
+        digest = file_sha256(temporary)
+    if sidecar:
+        write_sidecar(LoadedModel(config, network, dict(payload["metadata"]), path, digest))
     return path
 
 
@@ -85,8 +124,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"model file {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message advises loading with weights_only=False: never for a file from elsewhere,
+        # so none of its text is passed on.
+        raise ModelError(_unpickling_refusal(path, str(error))) from None
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise ModelError(f"model file {path} is not a readable MAML checkpoint: {error}") from error
+        raise ModelError(f"model file {path} is not a readable MAML checkpoint: "
+                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelError(f"model file {path} is not a MAML checkpoint (no '{FORMAT}' marker)")
     version = payload.get("format_version")
@@ -99,6 +143,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         if key not in payload:
             raise ModelError(f"model file {path} has no {key!r} entry")
     return payload
+
+
+def _unpickling_refusal(path: Path, torch_message: str) -> str:
+    """Our sentence for a file torch's safe unpickler refused."""
+    if "GLOBAL" in torch_message:  # the file names a function or class to call: pickled code
+        return (f"model file {path} holds executable content (pickled code) that a model file must "
+                "not have; it was not loaded. Use only checkpoints written by maml train or from a "
+                "source you trust, and do not open this one with other tools")
+    operand = re.search(r"Unsupported operand \d+", torch_message)
+    return (f"model file {path} is not a MAML checkpoint: its content is not plain data"
+            f"{f' ({operand.group(0)})' if operand else ''}; it was not loaded")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

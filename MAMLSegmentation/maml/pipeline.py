@@ -88,10 +88,14 @@ class _Reporter:
 def resolve_model(model: LoadedModel | str | Path | None, device: str = "cpu") -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
-    path = Path(model) if model is not None else default_model_path()
-    if model is None and not path.is_file():
-        raise ModelError(f"no model given and the bundled demo model {path} is missing: pass --model")
-    return load_model(path, device)
+    if model is None:
+        path = default_model_path()
+        if not path.is_file():
+            raise ModelError(f"no model given and the bundled demo model {path} is missing: pass --model")
+        return load_model(path, device)
+    from .models import resolve_model as installed_or_file
+
+    return load_model(installed_or_file(model), device)
 
 
 def choose_reference(given: list[str], model_phases: list[str], reference: str | None) -> str:

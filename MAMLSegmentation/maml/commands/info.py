@@ -4,7 +4,7 @@ HELP = "print a model checkpoint's phases, labels, configuration and training me
 
 
 def configure(parser):
-    parser.add_argument("model", help="checkpoint file (.pt)")
+    parser.add_argument("model", help="checkpoint file (.pt) or an installed model's name (maml models list)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -12,8 +12,9 @@ def run(args) -> int:
     import json
 
     from ..model import load_model
+    from ..models import resolve_model
 
-    description = load_model(args.model).describe()
+    description = load_model(resolve_model(args.model)).describe()
     if args.json:
         print(json.dumps(description, indent=2))
         return 0
