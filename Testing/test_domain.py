@@ -109,8 +109,8 @@ def test_feature_check_thresholds_scale_the_held_out_limit(fingerprint):
         return domain.worst([c.status for c in domain.check_features(distances, fingerprint)])
 
     assert status(1.0) == domain.OK
-    assert status(domain.FEATURE_WARN + 0.1) == domain.WARNING
-    assert status(domain.FEATURE_REFUSE + 0.1) == domain.REFUSED
+    assert status(domain.FEATURE_MEAN_WARN + 0.1) == domain.WARNING
+    assert status(domain.FEATURE_MEAN_REFUSE + 0.1) == domain.REFUSED
 
 
 def test_output_checks_refuse_a_missing_liver_and_warn_on_pieces(fingerprint):

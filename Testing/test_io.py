@@ -415,3 +415,18 @@ def test_atomic_output_dir_on_a_file(tmp_path):
     with pytest.raises(InputError, match="not a folder"):
         with io.atomic_output_dir(tmp_path / "f"):
             pass
+
+
+@pytest.mark.parametrize("name, pixel", [("nan.nii.gz", np.float32), ("nan.nii", np.float64)])
+def test_nan_voxels_in_nifti_are_refused_not_read_as_zero(tmp_path, name, pixel):
+    """ITK's NIfTI reader turns NaN into 0 without a word; the file itself is checked."""
+    array = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(pixel)
+    array[2, 3, 4:6] = np.nan
+    array[1, 1, 1] = np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
+    with pytest.raises(InputError) as info:
+        io.read_image(tmp_path / name, "phase 'venous'")
+    _one_line(info, "phase 'venous'", name, "3 NaN or infinite voxel(s)")
+    clean = np.nan_to_num(array, posinf=0.0)
+    sitk.WriteImage(sitk.GetImageFromArray(clean), str(tmp_path / name))
+    assert io.read_image(tmp_path / name).GetSize() == (8, 7, 6)

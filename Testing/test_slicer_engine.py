@@ -208,3 +208,39 @@ def test_segment_folder_runs_the_real_segment_batch(tiny_model, case_files, tmp_
     assert (out / "good" / "segmentation.nii.gz").is_file()
     assert (out / "summary.csv").is_file()
     assert events[-1].step == "done"
+
+
+def test_uncertainty_and_tumor_uncertainty_reach_the_scene(scene, tiny_model, case_files):
+    venous = loadVolumeNode(scene, case_files["venous"], "venous")
+    result = real_logic(tiny_model).segment({"venous": venous}, device="cpu")
+    node = result.uncertaintyNode
+    assert node is not None and node.GetName() == "MAML uncertainty"
+    values = slicer.util.arrayFromVolume(node)
+    assert values.shape == slicer.util.arrayFromVolume(venous).shape
+    assert 0.0 <= values.min() and values.max() <= 1.0
+    table = result.tumorTableNode
+    assert table.GetTable().GetColumnByName("Mean uncertainty") is not None
+    # the tiny model carries no fingerprint: the report says so, the run is not refused
+    assert result.domainCheck["status"] == "warning"
+    assert result.statisticsTableNode.GetAttribute("MAMLSegmentation.domain_check") == "warning"
+
+
+def test_an_image_unlike_the_training_data_is_refused_with_the_engines_sentence(scene):
+    """The bundled model refuses unsigned storage (+1024): the panel's error is the engine's
+    sentence, the scene stays as it was; accepting gives the result with a warning."""
+    from MAMLSegmentationLib import OutOfDistributionRefusal
+
+    sample = MODULE_DIR / "Resources" / "SampleData"
+    venous = loadVolumeNode(scene, sample / "phantom_venous.nrrd", "venous")
+    slicer.util.arrayFromVolume(venous)[:] += 1024
+    slicer.util.arrayFromVolumeModified(venous)
+    before, before_dirs = scene_snapshot(scene), temp_dirs()
+    logic = MAMLSegmentationLogic(pythonExecutable=sys.executable)
+    with pytest.raises(OutOfDistributionRefusal) as info:
+        logic.segment({"venous": venous}, device="cpu")
+    message = str(info.value)
+    assert message.startswith("Refused: maml-liver-demo was trained on synthetic phantoms only")
+    assert "\n" not in message and "--accept-out-of-distribution" in message
+    assert scene_snapshot(scene) == before and temp_dirs() == before_dirs
+    result = logic.segment({"venous": venous}, device="cpu", acceptOutOfDistribution=True)
+    assert result.domainCheck["status"] == "warning" and result.domainCheck["accepted_out_of_distribution"]

@@ -245,6 +245,17 @@ def test_training_reduces_loss_and_writes_everything(dataset, tmp_path):
     assert state_dicts_equal(latest.network.state_dict(), result.network.state_dict())
     best = load_model(out / "checkpoint_best.pt")
     assert best.metadata["epoch"] == result.best_epoch
+    # the finished run carries its training fingerprint: limits from the validation case
+    fingerprint = best.metadata["fingerprint"]
+    assert fingerprint["calibration_cases"] == ["TINY_004"] and len(fingerprint["training_cases"]) == 3
+    assert best.metadata["validation_case_ids"] == ["TINY_004"]
+    assert best.metadata["data_kind"] == "clinical"  # the tiny data set does not say "synthetic"
+    channels = 2 * best.config.network.features_per_stage[-1]  # mean and spread per channel
+    for phase in ("arterial", "venous"):
+        assert tuple(fingerprint["features"][phase]["precision"].shape) == (channels, channels)
+        assert fingerprint["features"][phase]["calibration_mean_limit"] > 0
+    assert latest.metadata["fingerprint"]["training_cases"] == fingerprint["training_cases"]
+    assert best.describe()["fingerprint"]["calibration_cases"] == 1
     validation = json.loads((out / "validation_best.json").read_text())
     assert set(validation["cases"]["TINY_004"]) == {"fused", "arterial", "venous"}
     state = load_state(out / STATE_FILE)  # weights_only loading works

@@ -7,8 +7,8 @@ ranges of the training cases, output ranges (liver volume, tumor burden), and pe
 thresholds taken from held-out cases. Each ``maml segment`` is checked against it in three places:
 
 1. before anything heavy: geometry (spacing, field of view), intensity and the memory the run needs;
-2. after inference: the Mahalanobis distance of every window that covers the body (its maximum and
-   mean), the distance-based detection of silent failures shown for nnU-Net by Gonzalez et al.
+2. after inference: the Mahalanobis distance of the pooled features of every window that covers
+   the body (their mean decides, their maximum warns), the distance-based detection of silent failures shown for nnU-Net by Gonzalez et al.
    (Medical Image Analysis 2022);
 3. on the output: liver volume, liver pieces, tumor burden, liver intensity.
 
@@ -42,8 +42,10 @@ LIVER_VOLUME_WARN, LIVER_VOLUME_REFUSE = (0.6, 1.5), (0.2, 3.0)
 INTENSITY_WARN_HU, INTENSITY_REFUSE_HU = 60.0, 250.0
 BURDEN_WARN, BURDEN_REFUSE = 1.5, 3.0  # factors of the training cases' largest tumor burden
 LIVER_PIECES_WARN, LIVER_PIECES_REFUSE = 3, 8
-# Feature distance: warn above this factor of the largest held-out distance, refuse above the other.
-FEATURE_WARN, FEATURE_REFUSE = 1.3, 2.0
+# Feature distance, as factors of the largest held-out value: the mean over a case's body windows is
+# stable from case to case and decides; its maximum (one odd window) only warns.
+FEATURE_MEAN_WARN, FEATURE_MEAN_REFUSE = 1.25, 1.5
+FEATURE_MAX_WARN = 1.5
 MEMORY_HEADROOM = 0.85  # of the memory available now
 
 
@@ -285,15 +287,17 @@ def check_features(distances: Mapping[str, Mapping[str, float]], fingerprint: Ma
     checks = []
     for phase, measured in distances.items():
         stats = fingerprint["features"][phase]
-        for key in ("max", "mean"):
-            reference = float(stats[f"calibration_{key}_limit"])
-            value = measured[key]
-            warn, refuse = FEATURE_WARN * reference, FEATURE_REFUSE * reference
-            status = REFUSED if value > refuse else WARNING if value > warn else OK
-            checks.append(Check(f"{phase}.feature_distance.{key}", status, round(value, 2),
-                                {"warning_above": round(warn, 2), "refused_above": round(refuse, 2)},
-                                f"{phase} feature distance ({key} over the body windows) "
-                                f"{value:.1f}, threshold {refuse:.1f}"))
+        mean, mean_limit = measured["mean"], float(stats["calibration_mean_limit"])
+        warn, refuse = FEATURE_MEAN_WARN * mean_limit, FEATURE_MEAN_REFUSE * mean_limit
+        status = REFUSED if mean > refuse else WARNING if mean > warn else OK
+        checks.append(Check(f"{phase}.feature_distance.mean", status, round(mean, 2),
+                            {"warning_above": round(warn, 2), "refused_above": round(refuse, 2)},
+                            f"{phase} feature distance {mean:.1f}, threshold {refuse:.1f}"))
+        largest, warn = measured["max"], FEATURE_MAX_WARN * float(stats["calibration_max_limit"])
+        checks.append(Check(f"{phase}.feature_distance.max", WARNING if largest > warn else OK,
+                            round(largest, 2), {"warning_above": round(warn, 2)},
+                            f"{phase} feature distance of the most unusual window {largest:.1f}, "
+                            f"threshold {warn:.1f}"))
     return checks
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
-from .network import MAMLNet, WindowOutput
+from .network import MAMLNet, WindowOutput, pool_bottleneck
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -237,7 +237,7 @@ def window_bottleneck_features(net: MAMLNet, data: np.ndarray, phases: Sequence[
             regions = [tuple(slice(s, s + p) for s, p in zip(start, patch))
                        for start in starts[first:first + options.batch_size]]
             batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
-            pooled = [net.backbones[phase].encoder(batch[:, i:i + 1])[-1].float().mean(dim=(2, 3, 4))
+            pooled = [pool_bottleneck(net.backbones[phase].encoder(batch[:, i:i + 1])[-1])
                       for i, phase in enumerate(present)]
             features.append(torch.stack(pooled, 1).cpu())
             fractions += [float(body_mask[region].mean()) if body_mask is not None else math.nan

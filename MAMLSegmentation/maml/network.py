@@ -173,8 +173,8 @@ class WindowOutput(NamedTuple):
     heatmaps: (B, P, ...) channel-mean attention per phase, fused head only, else None.
     disagreement: (B, 1, ...) in [0, 1], the mean Jensen-Shannon divergence between the fused head
     and each phase's own head (in bits), fused head only, else None.
-    bottleneck: (B, P, C) each present phase's deepest encoder features averaged over the window:
-    what the out-of-distribution check measures distances on.
+    bottleneck: (B, P, 2C) each present phase's deepest encoder features pooled over the window
+    (:func:`pool_bottleneck`): what the out-of-distribution check measures distances on.
     """
 
     probabilities: torch.Tensor
@@ -247,10 +247,17 @@ def jensen_shannon_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (_entropy_bits((p + q) / 2) - (_entropy_bits(p) + _entropy_bits(q)) / 2).clamp(0, 1)
 
 
+def pool_bottleneck(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, z, y, x) deepest encoder features -> (B, 2C): each channel's mean and spread over the
+    window. The spread tells a flat or noisy input from anatomy where the mean alone cannot."""
+    features = features.float()
+    return torch.cat([features.mean(dim=(2, 3, 4)), features.std(dim=(2, 3, 4), correction=0)], 1)
+
+
 def window_output(out: MAMLOutput) -> WindowOutput:
     """The inference view of a forward pass (see :class:`WindowOutput`)."""
     heads = [torch.softmax(l[0].float(), 1) for l in out.phase_logits.values()]
-    bottleneck = torch.stack([b.float().mean(dim=(2, 3, 4)) for b in out.bottleneck.values()], 1)
+    bottleneck = torch.stack([pool_bottleneck(b) for b in out.bottleneck.values()], 1)
     if out.fused_logits is None:
         return WindowOutput(torch.stack(heads).mean(0), None, None, bottleneck)
     fused = torch.softmax(out.fused_logits.float(), 1)
