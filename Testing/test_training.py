@@ -247,7 +247,7 @@ def test_training_reduces_loss_and_writes_everything(dataset, tmp_path):
     assert best.metadata["epoch"] == result.best_epoch
     # the finished run carries its training fingerprint: limits from the validation case
     fingerprint = best.metadata["fingerprint"]
-    assert fingerprint["calibration_cases"] == ["TINY_004"] and len(fingerprint["training_cases"]) == 3
+    assert fingerprint["calibration_cases"] == ["TINY_004"] and len(fingerprint["training_cases"]) == 4
     assert best.metadata["validation_case_ids"] == ["TINY_004"]
     assert best.metadata["data_kind"] == "clinical"  # the tiny data set does not say "synthetic"
     channels = 2 * best.config.network.features_per_stage[-1]  # mean and spread per channel

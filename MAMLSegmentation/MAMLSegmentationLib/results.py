@@ -105,7 +105,7 @@ def readEngineOutput(folder) -> EngineOutput:
     uncertaintyPath = folder / "uncertainty.nii.gz"
     uncertainty = (sitk.Cast(sitk.ReadImage(str(uncertaintyPath)), sitk.sitkFloat32)
                    if uncertaintyPath.is_file() else None)
-    return EngineOutput(folder, labels, attention, transforms, stats, uncertainty)
+    return EngineOutput(folder, labels, attention, uncertainty, transforms, stats)
 
 
 def _labelDefinitions(stats: dict) -> list:
