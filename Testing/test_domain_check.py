@@ -147,3 +147,17 @@ def test_a_model_without_fingerprint_says_so(tmp_path):
 def test_refusal_raises_in_the_python_api(venous):
     with pytest.raises(OutOfDistributionError, match="no result written"):
         segment({"venous": ood_cases.noise(venous)})
+
+
+def test_segment_batch_lists_a_refused_case_and_goes_on(venous, tmp_path, capsys):
+    sitk.WriteImage(ood_cases.hu_shift(venous), str(tmp_path / "unsigned.nii.gz"))
+    sitk.WriteImage(ood_cases.noise(venous), str(tmp_path / "noise.nii.gz"))
+    (tmp_path / "cases.csv").write_text("case,venous\nunsigned,unsigned.nii.gz\nnoise,noise.nii.gz\n")
+    out = tmp_path / "out"
+    assert main(["segment-batch", "--input", str(tmp_path / "cases.csv"), "--out", str(out)]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["case"], r["status"], r["domain_check"]) for r in summary["rows"]] == [
+        ("noise", "refused", "refused"), ("unsigned", "refused", "refused")]
+    assert all("no result written" in r["message"] for r in summary["rows"])
+    assert not (out / "unsigned").exists() and not (out / "noise").exists()
+    assert "domain_check" in (out / "summary.csv").read_text().splitlines()[0]
