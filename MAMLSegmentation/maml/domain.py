@@ -42,6 +42,9 @@ LIVER_VOLUME_WARN, LIVER_VOLUME_REFUSE = (0.6, 1.5), (0.2, 3.0)
 INTENSITY_WARN_HU, INTENSITY_REFUSE_HU = 60.0, 250.0
 BURDEN_WARN, BURDEN_REFUSE = 1.5, 3.0  # factors of the training cases' largest tumor burden
 LIVER_PIECES_WARN, LIVER_PIECES_REFUSE = 3, 8
+# Orientation: mm beyond the training range of "how far above the liver the air inside the body is".
+AIR_OFFSET_WARN_MM, AIR_OFFSET_REFUSE_MM = 40.0, 100.0
+MIN_INTERNAL_AIR_ML = 20.0
 # Feature distance, as factors of the largest held-out value: the mean over a case's body windows is
 # stable from case to case and decides; its maximum (one odd window) only warns.
 FEATURE_MEAN_WARN, FEATURE_MEAN_REFUSE = 1.25, 1.5
@@ -185,6 +188,37 @@ def count_pieces(mask: np.ndarray, min_fraction: float = 0.02) -> int:
     return int((sizes >= min_fraction * sizes.sum()).sum())
 
 
+def internal_air_offset_mm(image, liver: np.ndarray) -> float | None:
+    """How far (mm, towards the head) the air inside the body (the lungs) lies above the liver's
+    centre: positive in a patient as scanned, negative in an image flipped head to foot. None for
+    too little air inside the body or no liver. ``image`` in HU, ``liver`` a mask on its grid."""
+    from scipy import ndimage
+
+    from .preprocessing import BODY_HU
+
+    if not liver.any():
+        return None
+    body = sitk_array(image) > BODY_HU
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]  # holes of each axial slice: the lungs
+    air = ndimage.binary_fill_holes(body, in_plane) & ~body
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    if air.sum() * voxel_ml < MIN_INTERNAL_AIR_ML:
+        return None
+
+    def height(mask) -> float:
+        centre = np.argwhere(mask).mean(0)[::-1]  # (x, y, z) index
+        return float(image.TransformContinuousIndexToPhysicalPoint(centre.tolist())[2])
+
+    return height(air) - height(liver)
+
+
+def sitk_array(image) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image)
+
+
 def available_memory_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as stream:
@@ -325,6 +359,22 @@ def check_output(labels: np.ndarray, spacing_zyx: Sequence[float], phases_on_ref
                         {"warning_above": round(BURDEN_WARN * most, 4),
                          "refused_above": round(BURDEN_REFUSE * most, 4)},
                         f"tumor burden {100 * burden:.1f} % (training cases up to {100 * most:.1f} %)"))
+    known_offset = output.get("internal_air_offset_mm")
+    reference = next(iter(phases_on_reference.values()), None)
+    if known_offset and reference is not None:
+        offset = internal_air_offset_mm(reference, labels == liver)
+        if offset is not None:
+            low, high = known_offset
+            outside = max(low - offset, offset - high, 0.0)
+            status = (REFUSED if outside > AIR_OFFSET_REFUSE_MM else
+                      WARNING if outside > AIR_OFFSET_WARN_MM else OK)
+            checks.append(Check("orientation.internal_air_above_liver_mm", status, round(offset, 1),
+                                {"training_range": [round(low, 1), round(high, 1)],
+                                 "warning_beyond_mm": AIR_OFFSET_WARN_MM,
+                                 "refused_beyond_mm": AIR_OFFSET_REFUSE_MM},
+                                f"the air inside the body (lungs) lies {offset:.0f} mm above the "
+                                f"liver (training cases {low:.0f} to {high:.0f} mm): is the image "
+                                "flipped head to foot?"))
     if organ.sum() >= 100:
         for phase, image in phases_on_reference.items():
             known = fingerprint["intensity"].get(phase, {}).get("liver")

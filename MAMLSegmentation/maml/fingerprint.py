@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .domain import (FINGERPRINT_VERSION, body_percentiles, body_windows, case_distances,
-                     feature_statistics, geometry_of, label_volume_ml, mahalanobis, percentiles_of)
+                     feature_statistics, geometry_of, internal_air_offset_mm, label_volume_ml,
+                     mahalanobis, percentiles_of)
 from .errors import InputError
 from .model import LoadedModel
 
@@ -74,6 +75,9 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
             "foreground": percentiles_of(values[labels > 0]) if (labels > 0).any() else None,
             "liver": percentiles_of(values[labels == liver]) if (labels == liver).any() else None,
         }
+    reference = images[config.phases[-1]]  # the venous phase of a two-phase model, as at inference
+    air_offset = (internal_air_offset_mm(reference, labels == liver)
+                  if config.normalization[config.phases[-1]] in ("ct", "ct_dataset") else None)
     case_input = preprocess_phases(images, config)
     features, body_fraction = window_bottleneck_features(
         model.network, case_input.data, case_input.phases,
@@ -83,6 +87,7 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
         "geometry": _raw_geometries(dataset, case),
         "intensity": intensity,
         "liver_volume_ml": organ_ml,
+        "internal_air_offset_mm": air_offset,
         "tumor_burden": float((labels == tumor).sum() / max((np.isin(labels, [liver, tumor])).sum(), 1)),
         "features": features,
         "body_fraction": body_fraction,
@@ -132,6 +137,11 @@ def build_fingerprint(train: Sequence[dict], calibration: Sequence[dict], phases
             "calibration_mean_limit": float(max(d["mean"] for d in held_out)),
         })
         features[phase] = stats
+    offsets = [c["internal_air_offset_mm"] for c in cases if c.get("internal_air_offset_mm") is not None]
+    output = {"liver_volume_ml": _range([c["liver_volume_ml"] for c in cases]),
+              "tumor_burden_max": float(max(c["tumor_burden"] for c in cases)),
+              # only when most cases show air inside the body: else the FOVs vary too much to judge
+              "internal_air_offset_mm": _range(offsets) if len(offsets) >= 0.8 * len(cases) else None}
     return {
         "version": FINGERPRINT_VERSION,
         "data_kind": data_kind,
@@ -141,8 +151,7 @@ def build_fingerprint(train: Sequence[dict], calibration: Sequence[dict], phases
         "limits_from": limits_from,
         "geometry": geometry,
         "intensity": intensity,
-        "output": {"liver_volume_ml": _range([c["liver_volume_ml"] for c in cases]),
-                   "tumor_burden_max": float(max(c["tumor_burden"] for c in cases))},
+        "output": output,
         "features": features,
     }
 
