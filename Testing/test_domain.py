@@ -153,3 +153,19 @@ def test_report_sentence_names_model_reason_and_way_out():
     accepted = domain.summarize(checks, "maml-liver-demo", "synthetic", True)
     assert accepted.status == domain.WARNING and accepted.accepted_out_of_distribution
     assert domain.summarize(checks[1:], "m", "clinical", False).status == domain.OK
+
+
+def test_internal_air_offset_tells_head_from_foot():
+    hu = np.full((40, 50, 50), -1000.0, np.float32)
+    hu[:, 5:45, 5:45] = 40.0  # the body, every slice
+    hu[30:38, 15:35, 15:35] = -850.0  # lungs: air inside the body, high up (z index grows to the head)
+    liver = np.zeros(hu.shape, bool)
+    liver[10:20, 15:35, 15:35] = True
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((2.0, 2.0, 2.5))  # 32 mL of air
+    assert domain.internal_air_offset_mm(image, liver) == pytest.approx((33.5 - 14.5) * 2.5)
+    flipped = sitk.GetImageFromArray(hu[::-1].copy())
+    flipped.SetSpacing((2.0, 2.0, 2.5))
+    assert domain.internal_air_offset_mm(flipped, liver[::-1]) == pytest.approx(-(33.5 - 14.5) * 2.5)
+    hu[30:38, 15:35, 15:35] = 40.0  # no air inside the body: nothing to judge
+    assert domain.internal_air_offset_mm(sitk.GetImageFromArray(hu), liver) is None
