@@ -251,21 +251,10 @@ def _importSegmentation(scene, imported, definitions, labelArray, ijkToRAS, outp
 def _importHeatmaps(scene, imported, output, baseName):
     if not output.attention:
         return
-    colorNode, created = heatmapColorNode(scene)
-    if created:
-        imported.addedNodes.append(colorNode)
+    colorNode = _heatmapColors(scene, imported)
     for phase, image in output.attention.items():
-        node = addVolumeNodeFromImage(scene, image, f"{baseName} attention {phase}")
-        imported.addedNodes.append(node)
+        node = _addMapVolume(scene, imported, image, f"{baseName} attention {phase}", colorNode)
         node.SetAttribute("MAMLSegmentation.phase", phase)
-        display = node.GetDisplayNode()
-        display.SetAndObserveColorNodeID(colorNode.GetID())
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, 1.0)
-        display.SetApplyThreshold(True)
-        display.SetLowerThreshold(HEATMAP_LOWER_THRESHOLD)
-        display.SetUpperThreshold(1.0e6)
-        display.SetInterpolate(True)
         imported.heatmaps[phase] = node
 
 
@@ -274,12 +263,23 @@ def _importUncertainty(scene, imported, output, baseName):
     model is sure."""
     if output.uncertainty is None:
         return
+    node = _addMapVolume(scene, imported, output.uncertainty, f"{baseName} uncertainty",
+                         _heatmapColors(scene, imported))
+    node.SetAttribute("MAMLSegmentation.map", "uncertainty")
+    imported.uncertainty = node
+
+
+def _heatmapColors(scene, imported):
     colorNode, created = heatmapColorNode(scene)
     if created:
         imported.addedNodes.append(colorNode)
-    node = addVolumeNodeFromImage(scene, output.uncertainty, f"{baseName} uncertainty")
+    return colorNode
+
+
+def _addMapVolume(scene, imported, image, name, colorNode):
+    """A 0..1 map as a volume node shown in the heatmap colours, transparent near 0."""
+    node = addVolumeNodeFromImage(scene, image, name)
     imported.addedNodes.append(node)
-    node.SetAttribute("MAMLSegmentation.map", "uncertainty")
     display = node.GetDisplayNode()
     display.SetAndObserveColorNodeID(colorNode.GetID())
     display.AutoWindowLevelOff()
@@ -288,7 +288,7 @@ def _importUncertainty(scene, imported, output, baseName):
     display.SetLowerThreshold(HEATMAP_LOWER_THRESHOLD)
     display.SetUpperThreshold(1.0e6)
     display.SetInterpolate(True)
-    imported.uncertainty = node
+    return node
 
 
 def _importTransforms(scene, imported, output, phaseNodes, referencePhase):
