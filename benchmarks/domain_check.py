@@ -2,7 +2,7 @@
 inputs unlike the training data.
 
     python benchmarks/domain_check.py --model MODEL --in-distribution PHANTOMS [--ood-from CASE_DIR]
-        --out benchmarks/results/domain_check.json
+        --out benchmarks/results/domain_check.json [--shard K/N, then --merge the shards' files]
 
 In distribution: every case of a phantom data set from seeds never used in training or for the
 thresholds (both phases, the default deformable registration, as `maml segment` runs them): each
@@ -54,12 +54,18 @@ def main() -> None:
     parser.add_argument("--ood-from", default=str(ROOT / "MAMLSegmentation/Resources/SampleData"),
                         help="folder with phantom_venous.nrrd and phantom_truth.nrrd")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="run every N-th in-distribution case from the K-th, and the "
+                             "out-of-distribution variants only in shard 0 (to use several cores)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine shards' results into --out")
     args = parser.parse_args()
+    if args.merge:
+        write(merge([json.loads(Path(p).read_text()) for p in args.merge]), args.out)
+        return
+    shard, shards = (int(v) for v in args.shard.split("/"))
 
-    import SimpleITK as sitk
     import torch
 
-    import ood_cases
     from maml.data import read_dataset
     from maml.model import load_model
 
@@ -69,12 +75,21 @@ def main() -> None:
                "command": " ".join(sys.argv), "in_distribution": {}, "out_of_distribution": {}}
     if args.in_distribution:
         dataset = read_dataset(args.in_distribution)
-        for case in dataset.cases:
+        for case in dataset.cases[shard::shards]:
             images = dict(zip(model.config.phases, map(str, dataset.image_files(case))))
             results["in_distribution"][case] = row = run_case(images, model)
-            print(f"{case:28s} {row['status']:8s} {row.get('warned_by', '')} {row.get('feature_distance', '')}",
-                  flush=True)
-    folder = Path(args.ood_from)
+            print(f"{case:28s} {row['status']:8s} {row.get('warned_by', '')} "
+                  f"{row.get('feature_distance', '')}", flush=True)
+    if shard == 0:
+        run_variants(Path(args.ood_from), model, results)
+    write(results, args.out)
+
+
+def run_variants(folder: Path, model, results: dict) -> None:
+    import SimpleITK as sitk
+
+    import ood_cases
+
     venous = sitk.ReadImage(str(folder / "phantom_venous.nrrd"))
     truth = sitk.ReadImage(str(folder / "phantom_truth.nrrd"))
     results["out_of_distribution"]["original (venous alone)"] = run_case({"venous": venous}, model)
@@ -82,6 +97,17 @@ def main() -> None:
         results["out_of_distribution"][name] = row = run_case({"venous": image}, model)
         print(f"{name:28s} {row['status']:8s} {row.get('refused_by', row.get('message'))}", flush=True)
 
+
+def merge(parts: list[dict]) -> dict:
+    merged = dict(parts[0], in_distribution={}, out_of_distribution={})
+    merged["command"] = [part["command"] for part in parts]
+    for part in parts:
+        merged["in_distribution"].update(part["in_distribution"])
+        merged["out_of_distribution"].update(part["out_of_distribution"])
+    return merged
+
+
+def write(results: dict, out: str) -> None:
     ind = results["in_distribution"].values()
     ood = [r for name, r in results["out_of_distribution"].items() if not name.startswith("original")]
     results["summary"] = {
@@ -91,8 +117,8 @@ def main() -> None:
         "refused": sum(r["status"] in ("refused", "error") for r in ood),
         "refused_by_feature_distance_alone": sum(r.get("features_alone_refuse", False) for r in ood),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=1))
     print(json.dumps(results["summary"]))
 
 
