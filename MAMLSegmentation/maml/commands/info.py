@@ -32,6 +32,8 @@ def run(args) -> int:
         ("normalisation", ", ".join(f"{phase} {scheme}" for phase, scheme in
                                     config["normalization"].items())),
         ("post-processing", _describe_postprocessing(config.get("postprocessing") or {})),
+        ("inference", _describe_inference(config.get("inference") or {},
+                                          description.get("ensemble_size", 1))),
         ("intended use", description["intended_use"]),
     ]
     width = max(len(key) for key, _ in rows) + 2  # long metadata keys just get one space
@@ -39,6 +41,16 @@ def run(args) -> int:
         print(f"{str(key) + ':':<{width}}{value}" if len(str(key)) + 1 < width
               else f"{key}: {value}")
     return 0
+
+
+def _describe_inference(settings: dict, ensemble_size: int) -> str:
+    blend = settings.get("blend", "probabilities")
+    axes = settings.get("mirror_axes", [0, 1, 2])
+    parts = [f"blends {blend}", "mirroring (with --tta) flips axes "
+             + (", ".join("zyx"[a] for a in axes) or "none")]
+    if ensemble_size > 1:
+        parts.append(f"ensemble of {ensemble_size} networks (e.g. folds), averaged")
+    return "; ".join(parts)
 
 
 def _describe_postprocessing(settings: dict) -> str:
