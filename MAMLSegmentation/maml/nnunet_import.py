@@ -456,3 +456,45 @@ def backbone_source(source: str | Path, phase: str) -> tuple[ModelConfig, dict[s
                          f"{network.phases}); MAML checkpoints of two phases are resumed or "
                          "fine-tuned, not used as backbones")
     return loaded.config, network.backbones[network.phases[0]].state_dict()
+
+
+def parse_init_sources(items: Sequence[str] | None) -> dict[str, str]:
+    """``["arterial=a.pt", "venous=v.pt"]`` -> {phase: path}; each path a one-phase MAML checkpoint
+    (e.g. from ``maml import-nnunet``) or an nnU-Net v2 model folder."""
+    sources = {}
+    for item in items or []:
+        phase, _, path = item.partition("=")
+        if not phase or not path:
+            raise InputError(f"--init-from entry {item!r}: write PHASE=PATH (e.g. venous=venous.pt "
+                             "or venous=RESULTS/Dataset003_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres)")
+        if phase in sources:
+            raise InputError(f"--init-from names phase {phase!r} twice")
+        if not Path(path).exists():
+            raise InputError(f"--init-from {phase}={path}: no such file or folder")
+        sources[phase] = path
+    return sources
+
+
+def config_from_init(sources: Mapping[str, str]) -> ModelConfig:
+    """A training configuration whose backbones fit the first source: its network, spacing, patch
+    size and intensity statistics; MAML's own inference settings. Phases, labels and normalisation
+    are adapted to the data set by training."""
+    phase, source = next(iter(sources.items()))
+    config, _ = backbone_source(source, phase)
+    config.name = f"maml-from-{config.name}"
+    config.inference = InferenceConfig()
+    return config
+
+
+def initialise_backbones(net: MAMLNet, sources: Mapping[str, str]) -> None:
+    """Loads each named phase's backbone from its source; the MA module and fused head keep their
+    fresh initialisation. The segmentation heads are loaded when the classes agree in number."""
+    for phase, source in sources.items():
+        if phase not in net.phases:
+            raise InputError(f"--init-from {phase}=...: the data set's phases are {net.phases}")
+        config, state = backbone_source(source, phase)
+        try:
+            load_nnunet_weights(net, phase, state, load_heads=config.num_classes == net.num_classes)
+        except ModelError as error:
+            raise InputError(f"--init-from {phase}={source}: {error}; train with --config init to "
+                             "take the network, spacing and patch size from it") from error
