@@ -330,7 +330,8 @@ def read_nnunet_checkpoint(path: Path) -> dict:
                          "file with --checkpoint (checkpoint_final.pth or checkpoint_best.pth)")
     import numpy as np
 
-    allowed = [np.dtype, np.core.multiarray.scalar] if hasattr(np, "core") else [np.dtype]
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    allowed = [np.dtype, multiarray.multiarray.scalar]
     allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
     try:
         with torch.serialization.safe_globals(allowed):
