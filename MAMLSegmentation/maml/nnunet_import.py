@@ -330,8 +330,13 @@ def read_nnunet_checkpoint(path: Path) -> dict:
                          "file with --checkpoint (checkpoint_final.pth or checkpoint_best.pth)")
     import numpy as np
 
-    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    allowed = [np.dtype, multiarray.multiarray.scalar]
+    try:
+        from numpy._core.multiarray import scalar  # numpy 2
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    # Checkpoints name numpy's scalar by the module of the numpy that wrote them.
+    allowed = [np.dtype, (scalar, "numpy.core.multiarray.scalar"),
+               (scalar, "numpy._core.multiarray.scalar")]
     allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
     try:
         with torch.serialization.safe_globals(allowed):
