@@ -81,6 +81,36 @@ def test_region_based_label_sets_are_refused(tmp_path):
         model_labels(folder)
 
 
+def _folder(configuration: dict) -> NNUNetFolder:
+    return NNUNetFolder(Path("RESULTS/Dataset003_Liver/T__P__3d_fullres"), "T", "P", "3d_fullres", {}, {},
+                        configuration)
+
+
+def test_plans_of_older_nnunet_versions_give_the_same_topology():
+    from maml.nnunet_import import network_config
+
+    legacy = _folder({"UNet_class_name": "PlainConvUNet", "UNet_base_num_features": 32,
+                      "unet_max_num_features": 320, "conv_kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 5,
+                      "pool_op_kernel_sizes": [[1, 1, 1]] + [[2, 2, 2]] * 4 + [[1, 2, 2]],
+                      "n_conv_per_stage_encoder": [2] * 6, "n_conv_per_stage_decoder": [2] * 5})
+    net = network_config(legacy)
+    assert net.features_per_stage == [32, 64, 128, 256, 320, 320]
+    assert net.strides[-1] == [1, 2, 2] and net.kernel_sizes[0] == [1, 3, 3]
+
+
+@pytest.mark.parametrize("architecture, message", [
+    ({"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+      "arch_kwargs": {}}, "PlainConvUNet"),
+    ({"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+      "arch_kwargs": {"conv_op": "torch.nn.modules.conv.Conv2d"}}, "2D configuration"),
+])
+def test_networks_the_engine_does_not_mirror_are_refused(architecture, message):
+    from maml.nnunet_import import network_config
+
+    with pytest.raises(InputError, match=message):
+        network_config(_folder({"architecture": architecture}))
+
+
 # --------------------------------------------------------------------------------------------------
 # With a real nnU-Net v2 model
 # --------------------------------------------------------------------------------------------------

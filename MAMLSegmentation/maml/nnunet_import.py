@@ -131,15 +131,14 @@ def network_config(model: NNUNetFolder) -> NetworkConfig:
         kwargs = dict(architecture.get("arch_kwargs") or {})
     else:  # plans written by nnU-Net v2 before 2.4
         class_name = _short(config.get("UNet_class_name"))
-        kernels = config.get("conv_kernel_sizes") or []
+        kernels = config.get("conv_kernel_sizes") or [[]]
         base, top = config.get("UNet_base_num_features", 32), config.get("unet_max_num_features", 320)
         kwargs = {
             "features_per_stage": [min(base * 2 ** s, top) for s in range(len(kernels))],
             "kernel_sizes": kernels, "strides": config.get("pool_op_kernel_sizes"),
             "n_conv_per_stage": config.get("n_conv_per_stage_encoder"),
             "n_conv_per_stage_decoder": config.get("n_conv_per_stage_decoder"),
-            "conv_bias": True, "conv_op": "torch.nn.modules.conv.Conv3d" if len(kernels[0] if kernels else [])
-            == 3 else "Conv2d", "norm_op": "InstanceNorm3d",
+            "conv_bias": True, "conv_op": "Conv3d" if len(kernels[0]) == 3 else "Conv2d",
         }
     if class_name != "PlainConvUNet":
         raise InputError(f"{where} uses the network {class_name!r}; this engine mirrors nnU-Net's "
