@@ -62,7 +62,8 @@ def _tool(name: str) -> str:
 
 
 def _run(args: list[str], env: dict) -> None:
-    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    # nnU-Net's progress bars are UTF-8 whatever the locale of the test run.
+    result = subprocess.run(args, env=env, capture_output=True, encoding="utf-8", errors="replace")
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:3])} failed ({result.returncode}):\n"
                            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
