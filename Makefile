@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 DNA_PIN := dynamic-network-architectures==0.4.4
+NNUNET_PIN := nnunetv2==2.8.1
 
 # Mesa's software OpenGL, for rendering Slicer slice views offscreen (screenshot and its test).
 SYSTEM_PACKAGES := libegl1 libegl-mesa0 libgbm1 libgl1-mesa-dri
@@ -20,6 +21,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e ".[test]"
 	# nnU-Net's network package, for the fidelity tests; its deps would replace torch.
 	$(PIP) install -q --no-deps $(DNA_PIN)
+	# nnU-Net v2 itself, for the import-nnunet tests (they train and predict with it), held to the
+	# torch already here; the torchvision and timm it pulls do not work with the CPU torch.
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt $(NNUNET_PIN)
+	$(PIP) uninstall -q -y torchvision timm
 	touch $@
 
 setup: $(VENV)/.installed

@@ -76,14 +76,27 @@ def test_window_starts_cover_the_volume_with_the_requested_overlap():
         assert (steps <= patch * 0.5).all() and (steps > 0).all()
 
 
-def test_gaussian_importance_peaks_in_the_centre_without_zeros():
+def test_gaussian_importance_peaks_at_nnunets_centre_voxel_without_zeros():
     weight = gaussian_importance([8, 16, 16], 1 / 8)
     assert weight.max() == 1.0 and weight.min() > 0
-    assert weight[4, 8, 8] > weight[0, 0, 0]
-    # sigma = patch / 8: one sigma (2 voxels) from the centre along x the weight is exp(-1/2)
-    centre = (16 - 1) / 2
-    expected = np.exp(-0.5 * ((0 - centre) / 2.0) ** 2) / np.exp(-0.5 * ((7 - centre) / 2.0) ** 2)
-    np.testing.assert_allclose(weight[4, 8, 0] / weight[4, 8, 7], expected, rtol=1e-4)
+    # nnU-Net's peak is voxel size // 2 (not the geometric centre of an even patch)
+    assert tuple(np.unravel_index(int(weight.argmax()), weight.shape)) == (4, 8, 8)
+    # sigma = patch / 8 = 2 voxels along x: two sigma from the peak the weight is exp(-2) (float16)
+    np.testing.assert_allclose(weight[4, 8, 4], np.exp(-2.0), rtol=1e-3)
+
+
+def test_gaussian_and_window_starts_equal_nnunets():
+    """The blending weights and window positions are nnU-Net v2's own, value for value."""
+    pytest.importorskip("nnunetv2")
+    from nnunetv2.inference.sliding_window_prediction import (compute_gaussian,
+                                                              compute_steps_for_sliding_window)
+
+    for patch in [(16, 32, 32), (8, 16, 16), (20, 40, 36), (5, 7, 9)]:
+        theirs = compute_gaussian(patch, 1 / 8, 10, device=torch.device("cpu")).float()
+        np.testing.assert_array_equal((gaussian_importance(patch, 1 / 8) * 10).numpy(), theirs.numpy())
+    for size, patch in [((40, 80, 80), (16, 32, 32)), ((37, 101, 64), (16, 32, 32)), ((16, 33, 90), (16, 32, 32))]:
+        assert [window_starts(s, p, 0.5) for s, p in zip(size, patch)] == \
+            compute_steps_for_sliding_window(size, patch, 0.5)
 
 
 def test_cancel_stops_between_windows(net):

@@ -30,6 +30,13 @@ def test_shapes_for_any_number_of_phases(phases):
     for logits in out.phase_logits.values():
         assert logits[0].shape == (2, 3, 8, 16, 16)
         assert [l.shape[2:] for l in logits[1:]] == [(8, 8, 8)]  # deep supervision, one lower scale
+    if len(phases) == 1:  # nothing to fuse: the phase's own head segments
+        assert out.fused_logits is None and out.attention is None
+        window = net.eval().predict(x)
+        assert window.heatmaps is None
+        own = torch.softmax(net(x).phase_logits[phases[0]][0], 1)
+        assert torch.allclose(window.probabilities, own, atol=1e-6)
+        return
     assert out.fused_logits.shape == (2, 3, 8, 16, 16)
     assert set(out.attention) == set(phases)
     assert out.attention[phases[0]].shape == (2, 4, 8, 16, 16)

@@ -138,6 +138,36 @@ def test_missing_phase_runs_the_present_phase_alone(scene, tiny_model, case_file
     assert int((labels > 0).sum()) > 0
 
 
+def test_a_one_phase_model_in_the_imported_nnunet_format_runs_from_slicer(scene, case_files, tmp_path):
+    """What ``maml import-nnunet`` writes (one phase, a fold ensemble, nnU-Net's inference rules)
+    runs through the module's single-phase path and gives the shell's labels."""
+    from engine_helpers import tiny_config
+    from maml.config import LIVER_LABELS, InferenceConfig
+    from maml.model import save_checkpoint
+    from maml.network import FoldEnsemble, MAMLNet
+
+    config = tiny_config(phases=("venous",))
+    config.labels, config.spacing, config.patch_size = list(LIVER_LABELS), [6.0, 6.0, 6.0], [16, 32, 32]
+    config.inference = InferenceConfig(blend="logits", mirror_axes=[0, 1, 2], resampling="nnunet")
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "imported.pt", FoldEnsemble([MAMLNet(config), MAMLNet(config)]),
+                            config, {"source": "nnU-Net v2 model folder (maml import-nnunet)"})
+    venous = loadVolumeNode(scene, case_files["venous"], "venous")
+    result = real_logic(model).segment({"arterial": None, "venous": venous}, registration="none",
+                                       device="cpu")
+    assert result.stats["phases"] == ["venous"] and result.stats["head"] == "venous"
+    assert result.heatmapNodes == {} and result.transformNodes == {}
+    out = tmp_path / "shell"
+    completed = subprocess.run(
+        [sys.executable, "-m", "maml.cli", "segment", "--phase", f"venous={case_files['venous']}",
+         "--out", str(out), "--model", str(model), "--register", "none", "--device", "cpu",
+         "--no-overview"], cwd=MODULE_DIR, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
+    assert int((expected > 0).sum()) > 0
+    np.testing.assert_array_equal(exported_labels(result.segmentationNode, venous), expected)
+
+
 def test_phases_of_different_patients_get_the_engines_error_and_leave_the_scene_unchanged(scene, tiny_model,
                                                                                           case_files):
     arterial = loadVolumeNode(scene, case_files["other_arterial"], "arterial")

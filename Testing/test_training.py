@@ -421,3 +421,30 @@ def test_ddp_two_gloo_processes_keep_identical_weights(dataset, tmp_path):
     from maml.network import MAMLNet
 
     assert not state_dicts_equal(MAMLNet(saved.config).state_dict(), a)  # it did train
+
+
+def test_cli_train_init_from_starts_both_backbones_from_a_one_phase_model(dataset, tmp_path):
+    """--init-from arterial=M venous=M (one imported one-phase model for both phases): training
+    starts from its backbone; without --config the network comes from it. A vanishing learning rate
+    keeps the weights where they started, so the check sees the initialisation."""
+    from maml.model import save_checkpoint
+    from maml.network import MAMLNet
+
+    config = tiny_config(phases=("venous",), base_features=4)
+    torch.manual_seed(11)
+    source = save_checkpoint(tmp_path / "venous.pt", MAMLNet(config), config)
+    backbone = load_model(source).network.backbones["venous"].state_dict()
+    out = tmp_path / "run"
+    code = cli_main(["train", "--dataset", str(dataset), "--out", str(out), "--init-from",
+                     f"arterial={source}", f"venous={source}", "--epochs", "1", "--iterations", "1",
+                     "--lr", "1e-12", "--val-cases", "1", "--device", "cpu", "--augmentation", "none",
+                     "--no-progress"])
+    assert code == 0
+    trained = load_model(out / "checkpoint_best.pt").network
+    assert trained.phases == ["arterial", "venous"]
+    for phase in trained.phases:
+        for key, value in trained.backbones[phase].state_dict().items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value, backbone[key], atol=1e-6, rtol=0)
+    assert cli_main(["train", "--dataset", str(dataset), "--out", str(tmp_path / "x"),
+                     "--init-from", f"portal={source}"]) == 1  # the data set has no such phase

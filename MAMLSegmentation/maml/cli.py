@@ -18,6 +18,7 @@ COMMANDS = {
     "info": "info",
     "phantom": "phantom",
     "train": "train",
+    "import-nnunet": "import_nnunet",
     "evaluate": "evaluate",
     "register": "register",
     "segment": "segment",

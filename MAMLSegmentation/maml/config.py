@@ -19,6 +19,14 @@ from .errors import ModelError
 NORMALIZATION_SCHEMES = ("ct", "ct_dataset", "mr", "none")
 INTENSITY_PROPERTY_KEYS = ("low", "high", "mean", "std")
 MA_VARIANTS = ("paper", "code")
+# What sliding-window inference averages over mirrored copies, overlapping windows and ensemble
+# members: class probabilities (MAML's own models) or logits, softmax once at the end (nnU-Net v2's
+# predictor, kept for imported nnU-Net models so that their results equal nnU-Net's own).
+BLEND_MODES = ("probabilities", "logits")
+# How inputs reach the model grid: "maml" resamples first (linear), then normalises, on a grid of
+# exactly the model's spacing from the input's first voxel; "nnunet" normalises first, then resamples
+# with cubic B-splines onto a grid of the input's extent (nnU-Net v2's preprocessing).
+RESAMPLING_MODES = ("maml", "nnunet")
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,32 @@ class PostprocessingConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How inference combines predictions (see ``BLEND_MODES``), which axes test-time mirroring
+    flips (array axes 0, 1, 2 = z, y, x; nnU-Net records the axes its training augmentation used)
+    and how inputs are resampled (see ``RESAMPLING_MODES``)."""
+
+    blend: str = "probabilities"
+    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    resampling: str = "maml"
+
+    @property
+    def is_default(self) -> bool:
+        return self == InferenceConfig()
+
+    def validate(self, name: str) -> None:
+        if self.blend not in BLEND_MODES:
+            raise ModelError(f"model {name!r}: inference blend {self.blend!r} is not one of {BLEND_MODES}")
+        if self.resampling not in RESAMPLING_MODES:
+            raise ModelError(f"model {name!r}: resampling {self.resampling!r} is not one of "
+                             f"{RESAMPLING_MODES}")
+        if any(a not in (0, 1, 2) for a in self.mirror_axes) or \
+                len(set(self.mirror_axes)) != len(self.mirror_axes):
+            raise ModelError(f"model {name!r}: mirror axes must be distinct values of 0, 1, 2 "
+                             f"(z, y, x), got {self.mirror_axes}")
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to preprocess inputs, build the network and name its outputs."""
 
@@ -134,6 +168,7 @@ class ModelConfig:
     # foreground statistics that "ct_dataset" normalises with; set by training.
     intensity_properties: dict[str, dict[str, float]] = field(default_factory=dict)
     postprocessing: PostprocessingConfig = field(default_factory=PostprocessingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     intended_use: str = "Research use only. Not for clinical use."
 
     @property
@@ -168,6 +203,7 @@ class ModelConfig:
                     f"is not one of {NORMALIZATION_SCHEMES}"
                 )
         self._validate_intensity_properties()
+        self.inference.validate(self.name)
         names = {label.name for label in self.labels if label.value != 0}
         for name, volume in self.postprocessing.min_volume_ml.items():
             if name not in names:
@@ -207,6 +243,9 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = [asdict(label) for label in self.labels]
+        if self.inference.is_default:
+            # Written only when it says something: configurations stay readable by older versions.
+            del data["inference"]
         return data
 
     @classmethod
@@ -223,6 +262,7 @@ class ModelConfig:
             ]
             kwargs["network"] = NetworkConfig(**data.get("network", {}))
             kwargs["postprocessing"] = PostprocessingConfig(**data.get("postprocessing", {}))
+            kwargs["inference"] = InferenceConfig(**data.get("inference", {}))
             config = cls(**kwargs)
         except ModelError:
             raise

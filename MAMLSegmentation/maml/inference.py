@@ -2,7 +2,9 @@
 
 Windows overlap by half a patch and are blended with a Gaussian importance map (sigma = patch / 8);
 class probabilities and attention heatmaps are accumulated at the model's resolution, so memory grows
-with the resampled volume, never with the number of windows.
+with the resampled volume, never with the number of windows. Window placement, zero padding, the
+Gaussian (peak at voxel ``patch // 2``, cut at 4 sigma) and the mirroring are those of nnU-Net v2's
+predictor; models imported from nnU-Net also blend logits as it does (``InferenceConfig.blend``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
-from .network import MAMLNet, WindowOutput, pool_bottleneck
+from .network import FoldEnsemble, MAMLNet, WindowOutput, pool_bottleneck
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -35,8 +37,10 @@ class SlidingWindowOptions:
     overlap: float = 0.5
     sigma_scale: float = 1.0 / 8
     batch_size: int = 2
-    mirror: bool = False  # test-time augmentation: all 8 axis flips
+    mirror: bool = False  # test-time augmentation: every combination of flips of mirror_axes
     device: str = "auto"
+    mirror_axes: Sequence[int] = (0, 1, 2)  # array axes (z, y, x) that mirroring flips
+    blend: str = "probabilities"  # or "logits": averaged, softmax once at the end (nnU-Net)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -50,16 +54,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def gaussian_importance(patch_size: Sequence[int], sigma_scale: float) -> torch.Tensor:
-    """Separable Gaussian, max 1; no zeros so every voxel of a window gets some weight."""
+def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+    """nnU-Net v2's importance map, value for value (its ``compute_gaussian``): a unit impulse at
+    voxel ``size // 2`` of each axis smoothed by a Gaussian of sigma = size * sigma_scale cut at 4
+    sigma (scipy's ``gaussian_filter`` with zero borders), scaled to a maximum of 10, in float16;
+    weights that float16 rounds to 0 take the smallest non-zero one. That floor matters: near window
+    corners the true weights are ~1e-10, and where only such corners cover a voxel it decides the
+    blend."""
     axes = []
     for size in patch_size:
-        coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
         sigma = max(size * sigma_scale, 1e-3)
-        axes.append(torch.exp(-0.5 * (coords / sigma) ** 2))
+        coords = torch.arange(size, dtype=torch.float64) - size // 2
+        axis = torch.exp(-0.5 * (coords / sigma) ** 2)
+        axis[coords.abs() > int(4 * sigma + 0.5)] = 0
+        axes.append(axis)
     weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    weight /= weight.max()
-    return weight.clamp_min(max(weight[weight > 0].min().item(), 1e-6))
+    weight = (weight / (weight.max() / 10)).half()
+    weight[weight == 0] = weight[weight > 0].min()
+    return weight
+
+
+def gaussian_importance(patch_size: Sequence[int], sigma_scale: float) -> torch.Tensor:
+    """:func:`nnunet_gaussian` as float32 with a maximum of 1 (the scale cancels in the blend)."""
+    return nnunet_gaussian(patch_size, sigma_scale).float() / 10
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -83,11 +100,12 @@ def _pad_to_patch(data: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tenso
     return (F.pad(data, flat) if any(flat) else data), crop
 
 
-def _mirror_axes(mirror: bool) -> list[tuple[int, ...]]:
+def _mirror_axes(mirror: bool, axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]]:
+    """The unflipped batch first, then every combination of the spatial axes, as nnU-Net orders them."""
     if not mirror:
         return [()]
-    spatial = (2, 3, 4)
-    return [axes for r in range(4) for axes in itertools.combinations(spatial, r)]
+    spatial = [2 + a for a in sorted(axes)]
+    return [c for r in range(len(spatial) + 1) for c in itertools.combinations(spatial, r)]
 
 
 @contextmanager
@@ -106,22 +124,23 @@ def _inference_layout(net: MAMLNet):
         net.to(memory_format=torch.contiguous_format).train(was_training)
 
 
-def _predict_window(net: MAMLNet, batch: torch.Tensor, phases: Sequence[str], mirror: bool
-                    ) -> WindowOutput:
+def _predict_window(net: MAMLNet, batch: torch.Tensor, phases: Sequence[str], mirror: bool,
+                    mirror_axes: Sequence[int] = (0, 1, 2)) -> WindowOutput:
     """The mean of the network's outputs over the mirrored copies of the batch; the bottleneck
     features are those of the unflipped batch (the out-of-distribution statistics are taken so)."""
-    flips = _mirror_axes(mirror)
+    flips = _mirror_axes(mirror, mirror_axes)
     total: list[torch.Tensor | None] | None = None
     bottleneck = None
     for axes in flips:
         out = net.predict(torch.flip(batch, axes) if axes else batch, phases)
-        maps = [torch.flip(m, axes) if (axes and m is not None) else m for m in out[:3]]
+        maps = [torch.flip(m, axes) if (axes and m is not None) else m
+                for m in (*out[:3], out.logits)]
         total = maps if total is None else [t + m if m is not None else None for t, m in zip(total, maps)]
         if bottleneck is None:
             bottleneck = out.bottleneck
     scale = 1.0 / len(flips)
-    probabilities, heatmaps, disagreement = (m * scale if m is not None else None for m in total)
-    return WindowOutput(probabilities, heatmaps, disagreement, bottleneck)
+    probabilities, heatmaps, disagreement, logits = (m * scale if m is not None else None for m in total)
+    return WindowOutput(probabilities, heatmaps, disagreement, bottleneck, logits)
 
 
 @dataclass
@@ -139,6 +158,7 @@ class WindowedPrediction:
     window_features: np.ndarray
     window_starts: list[tuple[int, int, int]]
     window_body_fraction: np.ndarray
+    logits: np.ndarray | None = None  # (K, z, y, x) when the options blend logits
 
 
 def sliding_window_predict(
@@ -169,46 +189,83 @@ def sliding_window_predict(
 
     net = net.to(device)
     weight = gaussian_importance(patch, options.sigma_scale).to(device)
-    fused = len(phases) == len(net.phases)
-    probabilities = torch.zeros((net.num_classes, *shape), dtype=torch.float32, device=device)
+    fused = len(phases) == len(net.phases) > 1  # one phase: its own head, no fusion maps
+    if options.blend not in ("probabilities", "logits"):
+        raise InputError(f"blend {options.blend!r} is not 'probabilities' or 'logits'")
+    blend_logits = options.blend == "logits"
+    # nnU-Net's predictor runs a whole sliding window per fold and averages the folds' logits.
+    members = list(net.members) if blend_logits and isinstance(net, FoldEnsemble) else [net]
+    nnunet_weight = nnunet_gaussian(patch, options.sigma_scale).to(device) if blend_logits else None
+    probabilities = None if blend_logits else torch.zeros((net.num_classes, *shape), device=device)
+    logits = None
     heatmaps = torch.zeros((len(phases), *shape), dtype=torch.float32, device=device) if fused else None
     disagreement = torch.zeros((1, *shape), dtype=torch.float32, device=device) if fused else None
     weight_sum = torch.zeros(shape, dtype=torch.float32, device=device)
     features, body_fraction = [], []
     autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
+    steps = len(starts) * len(members)
 
-    # The layout change happens outside inference mode, so the weights stay usable for training.
-    with _inference_layout(net), torch.inference_mode(), autocast:
-        for first in range(0, len(starts), options.batch_size):
-            if cancel is not None and cancel():
-                raise CancelledError("inference cancelled")
-            group = starts[first:first + options.batch_size]
-            regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in group]
-            batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
-            batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            out = _predict_window(net, batch, phases, options.mirror)
-            features.append(out.bottleneck.float().cpu())
-            for i, region in enumerate(regions):  # in place: no temporaries per window
-                probabilities[(slice(None), *region)].addcmul_(out.probabilities[i].float(), weight)
-                if heatmaps is not None:
-                    heatmaps[(slice(None), *region)].addcmul_(out.heatmaps[i].float(), weight)
-                    disagreement[(slice(None), *region)].addcmul_(out.disagreement[i].float(), weight)
-                weight_sum[region] += weight
-                body_fraction.append(float(body_mask[region].mean()) if body_mask is not None
-                                     else math.nan)
-            if progress is not None:
-                progress(min(first + options.batch_size, len(starts)) / len(starts))
+    for index, member in enumerate(members):
+        if blend_logits:
+            # float16 sums with the float16 Gaussian (maximum 10), as nnU-Net v2 accumulates: its
+            # rounding decides the last digits, and near window corners more than that.
+            member_logits = torch.zeros((net.num_classes, *shape), dtype=torch.float16, device=device)
+            member_weights = torch.zeros(shape, dtype=torch.float16, device=device)
+        member_features = []
+        # The layout change happens outside inference mode, so the weights stay usable for training.
+        with _inference_layout(member), torch.inference_mode(), autocast:
+            for first in range(0, len(starts), options.batch_size):
+                if cancel is not None and cancel():
+                    raise CancelledError("inference cancelled")
+                group = starts[first:first + options.batch_size]
+                regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in group]
+                batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+                out = _predict_window(member, batch, phases, options.mirror, options.mirror_axes)
+                if blend_logits and out.logits is None:
+                    raise InputError("this network gives no logits; blend probabilities instead")
+                member_features.append(out.bottleneck.float().cpu())
+                for i, region in enumerate(regions):  # in place: no temporaries per window
+                    everything = (slice(None), *region)
+                    if blend_logits:
+                        member_logits[everything] += out.logits[i].float() * nnunet_weight
+                        member_weights[region] += nnunet_weight
+                    else:
+                        probabilities[everything].addcmul_(out.probabilities[i].float(), weight)
+                    if heatmaps is not None:
+                        heatmaps[everything].addcmul_(out.heatmaps[i].float(), weight)
+                        disagreement[everything].addcmul_(out.disagreement[i].float(), weight)
+                    if index == 0:
+                        weight_sum[region] += weight
+                        body_fraction.append(float(body_mask[region].mean())
+                                             if body_mask is not None else math.nan)
+                if progress is not None:
+                    done = index * len(starts) + min(first + options.batch_size, len(starts))
+                    progress(done / steps)
+        if blend_logits:
+            torch.div(member_logits, member_weights, out=member_logits)
+            logits = member_logits if logits is None else logits + member_logits
+        features.append(torch.cat(member_features))
+    if len(members) > 1:
+        logits /= len(members)
 
-    def finish(accumulated: torch.Tensor | None) -> np.ndarray | None:
+    def finish(accumulated: torch.Tensor | None, scale: float = 1.0) -> np.ndarray | None:
         if accumulated is None:
             return None
-        accumulated /= weight_sum
+        accumulated /= weight_sum * scale
         return accumulated[(slice(None), *crop)].cpu().numpy()
 
+    if blend_logits:
+        logits = logits[(slice(None), *crop)].float().cpu()
+        blended_probabilities = torch.softmax(logits, 0).numpy()
+        logits = logits.numpy()
+    else:
+        blended_probabilities = finish(probabilities)
     return WindowedPrediction(
-        finish(probabilities), finish(heatmaps),
-        None if disagreement is None else finish(disagreement)[0],
-        torch.cat(features).numpy(), starts, np.asarray(body_fraction, dtype=np.float64))
+        blended_probabilities, finish(heatmaps, len(members)),
+        None if disagreement is None else finish(disagreement, len(members))[0],
+        torch.stack(features).mean(0).numpy(), starts, np.asarray(body_fraction, dtype=np.float64),
+        logits)
 
 
 def window_bottleneck_features(net: MAMLNet, data: np.ndarray, phases: Sequence[str],
@@ -297,12 +354,19 @@ def predict_case(
 
     case = preprocess_phases(images, model.config)
     options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=device,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size,
+                                   mirror_axes=model.config.inference.mirror_axes,
+                                   blend=model.config.inference.blend)
     windowed = sliding_window_predict(model.network, case.data, case.phases, options, progress,
                                       cancel, body=case.body)
     uncertainty = map_to_input_geometry(
         uncertainty_map(windowed.probabilities, windowed.disagreement), case)
-    probabilities = probabilities_to_input_geometry(windowed.probabilities, case)
+    if windowed.logits is not None:
+        # nnU-Net resamples logits to the input grid and takes the softmax there.
+        probabilities = torch.softmax(torch.from_numpy(
+            probabilities_to_input_geometry(windowed.logits, case)), 0).numpy()
+    else:
+        probabilities = probabilities_to_input_geometry(windowed.probabilities, case)
     label_array = labels_from_probabilities(probabilities)
     if postprocess and not model.config.postprocessing.is_identity:
         from .postprocessing import postprocess as apply_postprocessing
@@ -313,7 +377,7 @@ def predict_case(
     if windowed.heatmaps is not None:
         for index, phase in enumerate(case.phases):
             attention[phase] = map_to_input_geometry(windowed.heatmaps[index], case)
-    if len(case.phases) == len(model.config.phases):
+    if len(case.phases) == len(model.config.phases) > 1:
         head = "fused"
     elif len(case.phases) == 1:
         head = case.phases[0]

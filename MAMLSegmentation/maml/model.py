@@ -6,6 +6,11 @@ opening a file from someone else cannot run code; a file that carries pickled co
 Beside every checkpoint ``<name>.pt`` lies its model card ``<name>.json``: what ``maml info --json``
 prints (:meth:`LoadedModel.describe`), with ``path`` reduced to the checkpoint's file name. The
 Slicer panel reads it to show the model without importing torch.
+
+Format versions: 1 = one MAMLNet. 2 adds ensembles (``ensemble_size`` networks of one
+configuration, e.g. an imported nnU-Net model's folds; their weights under ``members.<i>.``) and
+the configuration's ``inference`` section. A file is written as version 1 whenever it needs
+nothing of version 2, so that earlier versions of the extension still read it.
 """
 
 from __future__ import annotations
@@ -22,17 +27,17 @@ import torch
 from .config import ModelConfig
 from .errors import ModelError
 from .io import atomic_path, write_json
-from .network import MAMLNet
+from .network import FoldEnsemble, MAMLNet
 
 FORMAT = "maml-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SIDECAR_SUFFIX = ".json"
 
 
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    network: MAMLNet
+    network: MAMLNet | FoldEnsemble
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     sha256: str | None = None
@@ -47,6 +52,7 @@ class LoadedModel:
             "path": str(self.path) if self.path else None,
             "sha256": self.sha256,
             "format_version": FORMAT_VERSION,
+            "ensemble_size": len(self.network) if isinstance(self.network, FoldEnsemble) else 1,
             "phases": self.config.phases,
             "labels": [{"value": l.value, "name": l.name, "color": list(l.color)}
                        for l in self.config.labels],
@@ -95,20 +101,23 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str | Path, network: MAMLNet, config: ModelConfig,
+def save_checkpoint(path: str | Path, network: MAMLNet | FoldEnsemble, config: ModelConfig,
                     metadata: dict[str, Any] | None = None, sidecar: bool = True) -> Path:
     """Writes atomically: a temporary file in the same folder, then a rename; then its model card
     (``sidecar``), written after the checkpoint so it is never older than it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    ensemble = isinstance(network, FoldEnsemble)
     payload = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if ensemble or not config.inference.is_default else 1,
         "config": config.to_dict(),
         "state_dict": state,
         "metadata": metadata or {},
     }
+    if ensemble:
+        payload["ensemble_size"] = len(network)
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
         digest = file_sha256(temporary)
@@ -163,7 +172,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         config = ModelConfig.from_dict(payload["config"])
     except ModelError as error:
         raise ModelError(f"model file {path}: {error}") from error
-    network = MAMLNet(config)
+    size = payload.get("ensemble_size", 1)
+    if not isinstance(size, int) or size < 1:
+        raise ModelError(f"model file {path} has an invalid ensemble size {size!r}")
+    network = MAMLNet(config) if size == 1 and "ensemble_size" not in payload else \
+        FoldEnsemble([MAMLNet(config) for _ in range(size)])
     try:
         network.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as error:

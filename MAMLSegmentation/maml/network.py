@@ -175,16 +175,20 @@ class WindowOutput(NamedTuple):
     and each phase's own head (in bits), fused head only, else None.
     bottleneck: (B, P, 2C) each present phase's deepest encoder features pooled over the window
     (:func:`pool_bottleneck`): what the out-of-distribution check measures distances on.
+    logits: (B, K, ...) the logits whose softmax ``probabilities`` is (for a mean of heads, the
+    mean of their logits), for models that blend logits as nnU-Net does (``InferenceConfig``).
     """
 
     probabilities: torch.Tensor
     heatmaps: torch.Tensor | None
     disagreement: torch.Tensor | None
     bottleneck: torch.Tensor
+    logits: torch.Tensor | None = None
 
 
 class MAMLNet(nn.Module):
-    """Per-phase U-Nets + MA fusion + fused head. Any number of phases >= 1."""
+    """Per-phase U-Nets + MA fusion + fused head. Any number of phases >= 1; with one phase (e.g. an
+    imported nnU-Net model) the fusion is never used and that phase's own head segments."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -223,7 +227,8 @@ class MAMLNet(nn.Module):
         for channel, phase in enumerate(present):
             features[phase], logits[phase], bottleneck[phase] = (
                 self.backbones[phase](x[:, channel:channel + 1], deep, return_bottleneck=True))
-        if len(present) < len(self.phases):
+        if len(present) < len(self.phases) or len(self.phases) == 1:
+            # A one-phase model has nothing to fuse: its own head segments.
             return MAMLOutput(logits, None, None, bottleneck)
         fused, attention = self.fusion(features)
         return MAMLOutput(logits, self.fused_head(fused), attention, bottleneck)
@@ -256,14 +261,47 @@ def pool_bottleneck(features: torch.Tensor) -> torch.Tensor:
 
 def window_output(out: MAMLOutput) -> WindowOutput:
     """The inference view of a forward pass (see :class:`WindowOutput`)."""
-    heads = [torch.softmax(l[0].float(), 1) for l in out.phase_logits.values()]
+    head_logits = [l[0].float() for l in out.phase_logits.values()]
+    heads = [torch.softmax(l, 1) for l in head_logits]
     bottleneck = torch.stack([pool_bottleneck(b) for b in out.bottleneck.values()], 1)
     if out.fused_logits is None:
-        return WindowOutput(torch.stack(heads).mean(0), None, None, bottleneck)
-    fused = torch.softmax(out.fused_logits.float(), 1)
+        return WindowOutput(torch.stack(heads).mean(0), None, None, bottleneck,
+                            torch.stack(head_logits).mean(0))
+    fused_logits = out.fused_logits.float()
+    fused = torch.softmax(fused_logits, 1)
     heatmaps = torch.cat([a.mean(dim=1, keepdim=True) for a in out.attention.values()], 1)
     disagreement = torch.stack([jensen_shannon_bits(fused, head) for head in heads]).mean(0)
-    return WindowOutput(fused, heatmaps.float(), disagreement, bottleneck)
+    return WindowOutput(fused, heatmaps.float(), disagreement, bottleneck, fused_logits)
+
+
+class FoldEnsemble(nn.Module):
+    """Several MAMLNets of one configuration (e.g. an nnU-Net model's cross-validation folds) that
+    predict as one: every field of :class:`WindowOutput` that the members give is averaged over
+    them (probabilities: the mean of the members' softmax outputs; logits: the mean of their logits,
+    what nnU-Net's predictor blends). Inference and export see the attributes of a MAMLNet
+    (``phases``, ``num_classes``, ``predict``)."""
+
+    def __init__(self, members: Sequence[MAMLNet]):
+        super().__init__()
+        if not members:
+            raise ModelError("an ensemble needs at least one network")
+        first = members[0]
+        if any(m.phases != first.phases or m.num_classes != first.num_classes for m in members):
+            raise ModelError("ensemble members must share phases and classes")
+        self.members = nn.ModuleList(members)
+        self.phases = list(first.phases)
+        self.num_classes = first.num_classes
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, phases: Sequence[str] | None = None) -> WindowOutput:
+        outputs = [member.predict(x, phases) for member in self.members]
+        fields = []
+        for values in zip(*outputs):
+            fields.append(None if values[0] is None else torch.stack(values).mean(0))
+        return WindowOutput(*fields)
 
 
 def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -114,6 +114,17 @@ class Geometry:
         )
         return Geometry(new_size, new_spacing_xyz, self.origin, self.direction)
 
+    def with_spacing_over_extent(self, spacing_zyx) -> "Geometry":
+        """nnU-Net's resampled grid: size = round(size * spacing / new spacing) as in
+        :meth:`with_spacing`, but voxels spread over exactly the input's extent (what
+        ``skimage.transform.resize`` does), so the spacing is the requested one up to rounding and
+        the first and last voxels' outer faces meet the input's."""
+        rounded = self.with_spacing(spacing_zyx)
+        spacing = tuple(n * s / m for n, s, m in zip(self.size_xyz, self.spacing_xyz, rounded.size_xyz))
+        shift = 0.5 * (np.asarray(spacing) - np.asarray(self.spacing_xyz))
+        origin = np.asarray(self.origin) + np.asarray(self.direction).reshape(3, 3) @ shift
+        return Geometry(rounded.size_xyz, spacing, tuple(float(o) for o in origin), self.direction)
+
     def to_dict(self) -> dict:
         return {
             "size_xyz": list(self.size_xyz),
@@ -421,6 +432,8 @@ def preprocess_phases(
     check_same_grid({p: images[p] for p in phases})
 
     input_geometry = Geometry.from_image(images[phases[0]])
+    if config.inference.resampling == "nnunet":
+        return _preprocess_like_nnunet(images, phases, config, input_geometry)
     model_geometry = input_geometry.with_spacing(config.spacing)
     data = np.empty((len(phases),) + model_geometry.shape_zyx, dtype=np.float32)
     body = None
@@ -434,6 +447,33 @@ def preprocess_phases(
             body = body_mask(values, config.normalization[phase])
         data[index] = normalize(values, config.normalization[phase],
                                 config.intensity_properties.get(phase))
+    return PreprocessedCase(data, phases, model_geometry, input_geometry, body)
+
+
+def _preprocess_like_nnunet(images: Mapping[str, sitk.Image], phases: list[str], config: ModelConfig,
+                            input_geometry: Geometry) -> PreprocessedCase:
+    """nnU-Net v2's order: normalise on the input grid, then resample with cubic B-splines onto a
+    grid of the input's extent (nnU-Net: ``skimage`` order-3 splines; for anisotropic data it
+    resamples the slice axis separately with order 0, which this does not)."""
+    same = Geometry.from_image(images[phases[0]]).with_spacing(config.spacing)
+    model_geometry = input_geometry.with_spacing_over_extent(config.spacing)
+    if same.size_xyz == input_geometry.size_xyz and np.allclose(
+            same.spacing_xyz, input_geometry.spacing_xyz, rtol=SPACING_RTOL, atol=0):
+        model_geometry = input_geometry  # at the model's spacing already: nnU-Net does not resample
+    data = np.empty((len(phases),) + model_geometry.shape_zyx, dtype=np.float32)
+    body = None
+    for index, phase in enumerate(phases):
+        scheme = config.normalization[phase]
+        values = sitk.GetArrayViewFromImage(images[phase])
+        if body is None:
+            mask = input_geometry.image_from_array(body_mask(values, scheme).astype(np.uint8))
+            body = sitk.GetArrayFromImage(_resample(mask, model_geometry, "nearest")).astype(bool)
+        normalized = input_geometry.image_from_array(
+            normalize(values, scheme, config.intensity_properties.get(phase)))
+        resampled = _resample(normalized, model_geometry, "bspline")
+        # Keep ``resampled`` referenced while its array view is read: a view does not own the image.
+        data[index] = sitk.GetArrayViewFromImage(resampled)
+        del resampled
     return PreprocessedCase(data, phases, model_geometry, input_geometry, body)
 
 

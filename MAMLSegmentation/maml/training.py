@@ -35,7 +35,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -465,6 +465,7 @@ def train(
     callback: Callable[[dict], None] | None = None,
     stop_after_epochs: int | None = None,
     command: str | None = None,
+    init_from: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Trains (or resumes) a model; see the module docstring for what is written.
 
@@ -473,7 +474,8 @@ def train(
     explicitly; on resume only those in ``RESUMABLE_OVERRIDES`` replace the saved ones.
     ``callback`` is called after every iteration with a dict (epoch, iteration, loss); raising in it
     (e.g. KeyboardInterrupt) cancels. ``stop_after_epochs`` ends this call after that many epochs
-    (the run can be resumed).
+    (the run can be resumed). ``init_from``: phase -> one-phase MAML checkpoint or nnU-Net model
+    folder whose backbone starts that phase's (a new run only; see ``maml.nnunet_import``).
     """
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_FILE
@@ -502,13 +504,13 @@ def train(
     show = progress and dist.is_main
     try:
         return _train(dataset_dir, out_dir, config, options, state, dist, device, show, callback,
-                      stop_after_epochs, command)
+                      stop_after_epochs, command, init_from)
     finally:
         dist.close()
 
 
 def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOptions, state, dist,
-           device, show, callback, stop_after_epochs, command) -> TrainResult:
+           device, show, callback, stop_after_epochs, command, init_from=None) -> TrainResult:
     dataset = read_dataset(dataset_dir)
     if state is None:
         config = config_for_dataset(config, dataset, options.normalization)
@@ -536,6 +538,10 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
 
     torch.manual_seed(options.seed)
     net = MAMLNet(config)
+    if state is None and init_from:
+        from .nnunet_import import initialise_backbones
+
+        initialise_backbones(net, init_from)  # the MA module and fused head start fresh
     use_cuda = device.type == "cuda"
     amp = bool(options.amp and use_cuda)
     memory_format = torch.channels_last_3d if (use_cuda and options.channels_last) else None

@@ -33,6 +33,8 @@ def run(args) -> int:
         ("normalisation", ", ".join(f"{phase} {scheme}" for phase, scheme in
                                     config["normalization"].items())),
         ("post-processing", _describe_postprocessing(config.get("postprocessing") or {})),
+        ("inference", _describe_inference(config.get("inference") or {},
+                                          description.get("ensemble_size", 1))),
         ("intended use", description["intended_use"]),
         ("data kind", description["data_kind"]),
         ("fingerprint", _describe_fingerprint(description["fingerprint"])),
@@ -42,6 +44,16 @@ def run(args) -> int:
         print(f"{str(key) + ':':<{width}}{value}" if len(str(key)) + 1 < width
               else f"{key}: {value}")
     return 0
+
+
+def _describe_inference(settings: dict, ensemble_size: int) -> str:
+    blend = settings.get("blend", "probabilities")
+    axes = settings.get("mirror_axes", [0, 1, 2])
+    parts = [f"blends {blend}", "mirroring (with --tta) flips axes "
+             + (", ".join("zyx"[a] for a in axes) or "none")]
+    if ensemble_size > 1:
+        parts.append(f"ensemble of {ensemble_size} networks (e.g. folds), averaged")
+    return "; ".join(parts)
 
 
 def _describe_postprocessing(settings: dict) -> str:

@@ -21,9 +21,16 @@ def configure(parser):
     parser.add_argument("--dataset", required=True, help="nnU-Net v2 raw data set folder (dataset.json, "
                         "imagesTr, labelsTr); channel names are the phase names")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, logs, preprocessed cache)")
-    parser.add_argument("--config", default="paper",
-                        help="model configuration: a preset (paper, code, demo) or a JSON file "
-                             "(default: paper, for a GPU; demo trains on a CPU)")
+    parser.add_argument("--config", default=None,
+                        help="model configuration: a preset (paper, code, demo), a JSON file, or "
+                             "init (network, spacing and patch size of the first --init-from "
+                             "model; the default when --init-from is given), else paper (for a "
+                             "GPU; demo trains on a CPU)")
+    parser.add_argument("--init-from", nargs="+", metavar="PHASE=PATH",
+                        help="start these phases' backbones from trained one-phase models: MAML "
+                             "checkpoints from maml import-nnunet or nnU-Net v2 model folders "
+                             "(e.g. arterial=a.pt venous=v.pt; one model may serve both phases); "
+                             "the MA module and fused head start fresh")
     parser.add_argument("--fold", help="validation fold 0-4 of the sorted case ids, or 'all' (no "
                         "validation); default 0")
     parser.add_argument("--val-cases", type=int, help="validate on the last N sorted cases instead of a fold")
@@ -75,7 +82,19 @@ def run(args) -> int:
     from ..config import PRESETS, ModelConfig
     from ..training import default_options, train
 
-    if args.config in PRESETS:
+    from ..nnunet_import import config_from_init, parse_init_sources
+
+    init_from = parse_init_sources(args.init_from)
+    if args.config is None:
+        args.config = "init" if init_from else "paper"
+    if args.config == "init":
+        if not init_from:
+            from ..errors import InputError
+
+            raise InputError("--config init takes the network from --init-from; give --init-from "
+                             "PHASE=PATH or another --config")
+        config, preset = config_from_init(init_from), None
+    elif args.config in PRESETS:
         config, preset = PRESETS[args.config](), args.config
     elif Path(args.config).is_file():
         config, preset = ModelConfig.from_json_file(args.config), None
@@ -90,7 +109,8 @@ def run(args) -> int:
     options = default_options(preset, **given)
     result = train(args.dataset, args.out, config, options, resume=args.resume,
                    overrides=list(given), progress=not args.no_progress,
-                   command="maml train " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["train"] else []))
+                   command="maml train " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["train"] else []),
+                   init_from=init_from)
     if result.best_epoch is not None:
         best = "" if result.best_metric is None else f" (validation mean Dice {result.best_metric:.4f})"
         print(f"done: {result.epochs_done} epochs; best epoch {result.best_epoch}{best}; "
