@@ -116,6 +116,13 @@ def segment(args) -> int:
     tumors = [{"id": int(i), "volume_ml": shape.GetNumberOfPixels(i) * voxel_ml,
                "diameter_mm": shape.GetFeretDiameter(i), "centroid_lps": list(shape.GetCentroid(i))}
               for i in shape.GetLabels()]
+    # The engine's own enhancement measure (tumors numbered by decreasing size, as the engine does).
+    from maml.stats import tumor_enhancement
+
+    tumors.sort(key=lambda t: -t["volume_ml"])
+    for number, (tumor, entry) in enumerate(zip(tumors, tumor_enhancement(label_image, registered)), 1):
+        tumor["id"] = number
+        tumor["enhancement"] = entry
     liver_ml = float((labels >= 1).sum()) * voxel_ml
     stats = {
         "tumor_count": len(tumors), "tumors": tumors, "liver_volume_ml": liver_ml,

@@ -227,8 +227,22 @@ def test_segment_two_phases_imports_all_results(scene):
     assert tumors.GetNumberOfRows() == 2
     assert tumors.GetColumnUnitLabel("Volume") == "mL"
     centroid = stats["tumors"][0]["centroid_lps"]
-    assert float(tumors.GetCellText(0, 4)) == pytest.approx(-centroid[0])
-    assert float(tumors.GetCellText(0, 6)) == pytest.approx(centroid[2])
+    assert float(tumors.GetCellText(0, 4)) == pytest.approx(-centroid[0], abs=1e-3)  # the cell text has 6 digits
+    assert float(tumors.GetCellText(0, 6)) == pytest.approx(centroid[2], abs=1e-3)
+    # Enhancement per phase and the flags, from stats.json (the engine's maml.stats measure).
+    for row, tumor in enumerate(stats["tumors"]):
+        e = tumor["enhancement"]
+        cells = {tumors.GetColumnName(c): tumors.GetCellText(row, c) for c in range(tumors.GetNumberOfColumns())}
+        for phase in ("arterial", "venous"):
+            title = phase.capitalize()
+            assert float(cells[f"{title} tumor"]) == pytest.approx(e["tumor_median_hu"][phase])
+            assert float(cells[f"{title} liver"]) == pytest.approx(e["liver_median_hu"][phase])
+            assert float(cells[f"{title} contrast"]) == pytest.approx(e["contrast_hu"][phase])
+            assert tumors.GetColumnUnitLabel(f"{title} contrast") == "HU"
+        assert cells["APHE"] == ("yes" if e["aphe"] else "no")
+        assert cells["Washout"] == ("yes" if e["washout"] else "no")
+        assert cells["Capsule"] == ("yes" if e["capsule"] else "no")
+    assert "not a LI-RADS category" in tumors.GetAttribute("MAMLSegmentation.enhancementNote")
 
 
 def test_existing_output_segmentation_is_reused(scene):

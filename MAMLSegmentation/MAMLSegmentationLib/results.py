@@ -327,15 +327,63 @@ def _importTables(scene, imported, stats, baseName):
 
     tumors = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{baseName} tumors")
     imported.addedNodes.append(tumors)
+    tumorList = stats.get("tumors", [])
+    enhancementColumns, enhancementCells = _enhancementColumns(tumorList)
     tumorRows = []
-    for tumor in stats.get("tumors", []):
+    for tumor, cells in zip(tumorList, enhancementCells):
         r, a, s = _lpsToRas(tumor.get("centroid_lps", (float("nan"),) * 3))
         tumorRows.append((int(tumor.get("id", len(tumorRows) + 1)), float(tumor.get("volume_ml", float("nan"))),
                           float(tumor.get("diameter_mm", float("nan"))),
-                          float(tumor.get("axial_diameter_mm", float("nan"))), r, a, s))
+                          float(tumor.get("axial_diameter_mm", float("nan"))), r, a, s, *cells))
     _setTable(tumors, [("Tumor", vtk.vtkIntArray, ""), ("Volume", vtk.vtkDoubleArray, "mL"),
                        ("Largest diameter", vtk.vtkDoubleArray, "mm"),
                        ("Largest axial diameter", vtk.vtkDoubleArray, "mm"), ("Centroid R", vtk.vtkDoubleArray, "mm"),
-                       ("Centroid A", vtk.vtkDoubleArray, "mm"), ("Centroid S", vtk.vtkDoubleArray, "mm")],
+                       ("Centroid A", vtk.vtkDoubleArray, "mm"), ("Centroid S", vtk.vtkDoubleArray, "mm"),
+                       *enhancementColumns],
               tumorRows)
+    if enhancementColumns:
+        tumors.SetAttribute("MAMLSegmentation.enhancementNote", ENHANCEMENT_TABLE_NOTE)
     imported.tumorTable = tumors
+
+
+ENHANCEMENT_TABLE_NOTE = ("Enhancement columns: median HU of the tumor and of the liver within 5 mm of it per "
+                          "phase, their difference, and the engine's APHE / washout / capsule flags: "
+                          "research features, not a LI-RADS category.")
+
+
+def _enhancementColumns(tumors: list) -> tuple:
+    """Columns (name, vtkArrayClass, unit) and one list of cells per tumor for the engine's
+    per-phase enhancement (stats.json tumors[i].enhancement); none when the engine gave none."""
+    import vtk
+
+    phases = []
+    for tumor in tumors:
+        for phase in (tumor.get("enhancement") or {}).get("tumor_median_hu", {}):
+            if phase not in phases:
+                phases.append(phase)
+    if not phases:
+        return [], [[] for _ in tumors]
+    columns = []
+    for phase in phases:
+        title = phase.capitalize()
+        columns += [(f"{title} tumor", vtk.vtkDoubleArray, "HU"), (f"{title} liver", vtk.vtkDoubleArray, "HU"),
+                    (f"{title} contrast", vtk.vtkDoubleArray, "HU")]
+    columns += [("APHE", vtk.vtkStringArray, ""), ("Washout", vtk.vtkStringArray, ""),
+                ("Capsule", vtk.vtkStringArray, "")]
+
+    def number(value):
+        return float("nan") if value is None else float(value)
+
+    def flag(value):
+        return "n/a" if value is None else "yes" if value else "no"
+
+    cells = []
+    for tumor in tumors:
+        e = tumor.get("enhancement") or {}
+        row = []
+        for phase in phases:
+            row += [number(e.get(key, {}).get(phase))
+                    for key in ("tumor_median_hu", "liver_median_hu", "contrast_hu")]
+        row += [flag(e.get(key)) for key in ("aphe", "washout", "capsule")]
+        cells.append(row)
+    return columns, cells

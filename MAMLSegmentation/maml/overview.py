@@ -14,7 +14,9 @@ Display follows the radiological convention: every image is first reoriented wit
 towards the patient's left and rows towards posterior; shown as-is, the patient's right is on the
 screen's left and anterior is up. Pixels are drawn at their physical size (in-plane spacing
 respected). A footer gives the tumor count, the largest tumor's volume and diameters, the total tumor
-and liver volumes, the tumor burden, and "Research use only - not for clinical use".
+and liver volumes, the tumor burden, one line per tumor (up to three, largest first) with its
+contrast to the surrounding liver in each phase and its enhancement flags (research features, see
+``maml.stats.tumor_enhancement``), and "Research use only - not for clinical use".
 
 Drawing uses a bare :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot, no GUI
 backend: safe inside Slicer), and the file is written atomically.
@@ -53,6 +55,7 @@ _COLORBAR_W = 0.75
 _TITLE_H = 0.6
 _HEADER_H = 0.3
 _FOOTER_H = 0.85
+_LINE_H = 0.2  # inches per footer line
 _GAP = 0.06
 
 
@@ -163,7 +166,30 @@ def _footer_lines(stats: dict, names: dict, liver: int, tumor: int) -> list[str]
         f"{names.get(liver, 'liver').capitalize()} volume (incl. {tumor_name}s) {_fmt_ml(liver_ml)}"
         f" | {tumor_name.capitalize()} burden ({tumor_name} / liver volume) {burden_text}"
     )
-    return [line1, line2]
+    return [line1, line2] + _enhancement_lines(tumors[:MAX_ENHANCEMENT_LINES], tumor_name)
+
+
+MAX_ENHANCEMENT_LINES = 3
+
+
+def _yes_no(flag) -> str:
+    return "n/a" if flag is None else "yes" if flag else "no"
+
+
+def _enhancement_lines(tumors: list, tumor_name: str) -> list[str]:
+    """One line per tumor (largest first): its contrast to the surrounding liver per phase and the
+    research flags (stats.tumor_enhancement)."""
+    lines = []
+    for tumor in tumors:
+        e = tumor.get("enhancement")
+        if not e:
+            continue
+        contrast = ", ".join(f"{phase} {value:+.0f} HU" for phase, value in e["contrast_hu"].items()
+                             if value is not None)
+        lines.append(f"{tumor_name.capitalize()} {tumor['id']} vs liver: {contrast or 'n/a'} | APHE "
+                     f"{_yes_no(e['aphe'])}, washout {_yes_no(e['washout'])}, capsule "
+                     f"{_yes_no(e['capsule'])} (research features, not LI-RADS)")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,7 +283,9 @@ def render_overview(
     nrows = len(phases)
     panel_h = _PANEL_W * float(np.clip(h_mm / w_mm, 0.4, 2.0))
     fig_w = _ROW_LABEL_W + ncols * _PANEL_W + (ncols - 1) * _GAP + (_COLORBAR_W if show_attention else 0.15)
-    fig_h = _TITLE_H + _HEADER_H + nrows * panel_h + (nrows - 1) * _GAP + _FOOTER_H
+    lines = _footer_lines(stats, names, liver_label, tumor_label)
+    footer_h = _FOOTER_H + _LINE_H * (len(lines) - 2)
+    fig_h = _TITLE_H + _HEADER_H + nrows * panel_h + (nrows - 1) * _GAP + footer_h
     fig = Figure(figsize=(fig_w, fig_h), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
 
@@ -329,11 +357,10 @@ def render_overview(
                 ax.text(0.5, 0.5, "no attention map", transform=ax.transAxes, ha="center",
                         va="center", color="white", fontsize=9)
 
-    lines = _footer_lines(stats, names, liver_label, tumor_label)
-    y = _FOOTER_H - 0.22
+    y = footer_h - 0.22
     for line in lines:
         fig.text(0.5, y / fig_h, line, ha="center", va="center", fontsize=8.5)
-        y -= 0.2
+        y -= _LINE_H
     fig.text(0.5, y / fig_h - 0.02 / fig_h, DISCLAIMER, ha="center", va="center", fontsize=8.5,
              fontweight="bold", color="#B00000")
     return fig

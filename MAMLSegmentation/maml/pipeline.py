@@ -124,7 +124,7 @@ def segment(
     from .inference import predict_case, resolve_device
     from .io import read_image
     from .registration import register
-    from .stats import compute_statistics
+    from .stats import add_enhancement, compute_statistics
 
     options = options or SegmentOptions()
     report = _Reporter(progress)
@@ -171,6 +171,7 @@ def segment(
     values = {label.name: label.value for label in config.labels}
     stats = compute_statistics(prediction.labels, liver_label=values.get("liver", 1),
                                tumor_label=values.get("tumor", 2), label_names=label_names)
+    add_enhancement(stats, prediction.labels, on_reference)
     report.done("statistics")
     stats.update({
         "reference_phase": reference,
