@@ -29,6 +29,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from .conversion import checkVolume3D, imageFromVolumeNode
+from .dicomsource import copyDicomSource, dicomSourceFiles
 from .errors import CancelledError, MAMLSegmentationError
 from .process import EngineProcess, ProgressEvent
 from .results import importEngineOutput, readEngineOutput
@@ -278,15 +279,18 @@ class MAMLSegmentationLogic:
     ``defaultModel``: checkpoint used when a call names none (else ``$MAML_MODEL``, else the bundled
     demo model, as the engine does).
     ``popen``: how processes are started.
+    ``dicomFileForInstance``: SOP Instance UID -> file, for a DICOM SEG (default: Slicer's DICOM
+    database).
     """
 
     def __init__(self, pythonExecutable: str | None = None, engineCommand: list | None = None,
-                 popen=subprocess.Popen, scene=None, defaultModel=None):
+                 popen=subprocess.Popen, scene=None, defaultModel=None, dicomFileForInstance=None):
         self.pythonExecutable = pythonExecutable or defaultPythonExecutable()
         self.engineCommand = list(engineCommand) if engineCommand else None
         self.popen = popen
         self.scene = scene
         self.defaultModel = defaultModel
+        self.dicomFileForInstance = dicomFileForInstance
 
     # --- the engine's command line -------------------------------------------------------------
     def engineCommandPrefix(self) -> list:
@@ -300,13 +304,15 @@ class MAMLSegmentationLogic:
         return env
 
     def buildSegmentCommand(self, phasePaths: dict, outputDir, model=None, registration="deformable",
-                            referencePhase=None, device="auto", postprocess=True) -> list:
+                            referencePhase=None, device="auto", postprocess=True, dicomSource=None) -> list:
         command = [*self.engineCommandPrefix(), "segment"]
         for phase, path in phasePaths.items():
             command += ["--phase", f"{phase}={path}"]
         command += ["--out", str(outputDir), "--register", registration, "--device", device]
         if referencePhase:
             command += ["--reference", referencePhase]
+        if dicomSource:
+            command += ["--dicom-seg", "--dicom-source", str(dicomSource)]
         return command + self._commonRunOptions(model, postprocess)
 
     def buildSegmentBatchCommand(self, inputDir, outputDir, model=None, registration="deformable",
@@ -405,13 +411,22 @@ class MAMLSegmentationLogic:
             raise MAMLSegmentationError(f"The output '{outputSegmentation.GetName()}' is not a segmentation node.")
         return phases, referencePhase
 
+    def _dicomSegSource(self, dicomSeg: bool, referenceNode, outputDirectory) -> list:
+        if not dicomSeg:
+            return []
+        if outputDirectory is None:
+            raise MAMLSegmentationError(
+                "dicomSeg=True needs outputDirectory= (the folder that keeps segmentation.dcm).")
+        return dicomSourceFiles(referenceNode, self.dicomFileForInstance)
+
     # --- running --------------------------------------------------------------------------------
     def startSegmentation(self, phaseNodes: dict, outputSegmentation=None, model=None,
                           registration="deformable", device="auto", referencePhase=None,
-                          outputDirectory=None, postprocess=True) -> SegmentationRun:
+                          outputDirectory=None, postprocess=True, dicomSeg=False) -> SegmentationRun:
         """Check inputs, write them to a temporary folder and start the engine; returns at once."""
         phases, referencePhase = self.checkInputs(phaseNodes, registration, device, referencePhase,
                                                   outputSegmentation)
+        dicomFiles = self._dicomSegSource(dicomSeg, phases[referencePhase], outputDirectory)
         model = self.resolveModel(model)
         scene = next(iter(phases.values())).GetScene()
         tempDir = Path(tempfile.mkdtemp(prefix="MAMLSegmentation-"))
@@ -425,8 +440,9 @@ class MAMLSegmentationLogic:
                 phasePaths[phase] = path
             keep = outputDirectory is not None
             outputDir = Path(outputDirectory) if keep else tempDir / "output"
+            dicomSource = copyDicomSource(dicomFiles, tempDir / "dicom_source") if dicomFiles else None
             command = self.buildSegmentCommand(phasePaths, outputDir, model, registration, referencePhase,
-                                               device, postprocess)
+                                               device, postprocess, dicomSource)
             process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -436,12 +452,15 @@ class MAMLSegmentationLogic:
 
     def segment(self, phaseNodes: dict, outputSegmentation=None, model=None, registration="deformable",
                 device="auto", waitForCompletion=True, referencePhase=None, outputDirectory=None,
-                progressCallback=None, postprocess=True):
+                progressCallback=None, postprocess=True, dicomSeg=False):
         """Segment; blocking by default (returns a SegmentationResult), else a SegmentationRun.
 
-        ``postprocess=False`` keeps the network's raw labels (skips the model's post-processing)."""
+        ``postprocess=False`` keeps the network's raw labels (skips the model's post-processing).
+        ``dicomSeg=True`` also writes ``segmentation.dcm`` (a DICOM SEG referencing the reference
+        phase's DICOM series) into ``outputDirectory``, which it needs; the reference phase must have
+        been loaded from DICOM."""
         run = self.startSegmentation(phaseNodes, outputSegmentation, model, registration, device,
-                                     referencePhase, outputDirectory, postprocess)
+                                     referencePhase, outputDirectory, postprocess, dicomSeg)
         if not waitForCompletion:
             return run
         return run.wait(progressCallback=progressCallback or _printProgress)

@@ -50,6 +50,10 @@ class SegmentOptions:
     # scans): refused unless the user says otherwise.
     allow_poor_registration: bool = False
     postprocess: bool = True  # the model's own post-processing (maml.postprocessing)
+    # Also write segmentation.dcm (maml.dicomseg), referencing the reference phase's DICOM series
+    # (read from a DICOM folder, or the folder dicom_source the phase's file was exported from).
+    dicom_seg: bool = False
+    dicom_source: str | None = None
 
 
 @dataclass
@@ -63,6 +67,7 @@ class SegmentationResult:
     reference: str
     stats: dict[str, Any]
     label_names: dict[int, str] = field(default_factory=dict)
+    dicom_source_files: list[str] = field(default_factory=list)  # for segmentation.dcm when asked
 
 
 class _Reporter:
@@ -140,6 +145,7 @@ def segment(
     phases = {name: (image if isinstance(image, sitk.Image) else read_image(image, f"phase {name!r}"))
               for name, image in images.items()}
     reference = choose_reference(list(phases), config.phases, options.reference)
+    dicom_source = _dicom_source(options, phases[reference], reference)  # refused before the work
     report.done("load")
 
     on_reference = {reference: phases[reference]}
@@ -190,7 +196,15 @@ def segment(
         "timings": dict(report.timings),
     })
     return SegmentationResult(prediction.labels, attention, on_reference, transforms,
-                              reference, stats, label_names)
+                              reference, stats, label_names, dicom_source)
+
+
+def _dicom_source(options: SegmentOptions, reference_image: sitk.Image, reference: str) -> list[str]:
+    if not options.dicom_seg:
+        return []
+    from .dicomseg import dicom_source_files
+
+    return dicom_source_files(reference_image, reference, options.dicom_source)
 
 
 # Air: CT voxels below this are outside the body (air is about -1000 HU, fat -100, lung -800..-600).
@@ -233,6 +247,8 @@ def write_result(result: SegmentationResult, out_dir: str | Path, overview: bool
     report("write", 0.0, f"writing results to {out_dir}")
     with atomic_output_dir(out_dir) as folder:
         write_image(result.labels, folder / "segmentation.nii.gz")
+        if result.dicom_source_files:
+            _write_dicom_seg(result, folder / "segmentation.dcm")
         for phase, heatmap in result.attention.items():
             write_image(heatmap, folder / f"attention_{phase}.nii.gz")
         for phase, transform in result.transforms.items():
@@ -246,3 +262,12 @@ def write_result(result: SegmentationResult, out_dir: str | Path, overview: bool
         result.stats["timings"].update(report.timings)
         write_json(result.stats, folder / "stats.json")
     return Path(out_dir)
+
+
+def _write_dicom_seg(result: SegmentationResult, path: Path) -> None:
+    from .dicomseg import write_dicom_seg
+
+    labels = result.stats.get("model", {}).get("labels", [])
+    colors = {label["name"]: label["color"] for label in labels if "color" in label}
+    write_dicom_seg(result.labels, result.dicom_source_files, path,
+                    {"liver": result.stats["liver_label"], "tumor": result.stats["tumor_label"]}, colors)
