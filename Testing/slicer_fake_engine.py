@@ -130,6 +130,11 @@ def segment(args) -> int:
         "registration": registration, "timings": {"total_s": 0.1}, "device": "cpu",
         "model": {"name": "fake", "sha256": "0" * 64, "labels": LABELS, "phases": sorted(phases)},
     }
+    if len(images) > 1:  # the engine's display window inside the liver
+        from maml.attention import attention_windows
+
+        stats["attention_window"] = attention_windows(
+            {phase: sitk.ReadImage(str(tmp / f"attention_{phase}.nii.gz")) for phase in registered}, label_image)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     if os.environ.get("FAKE_ENGINE_BAD_TRANSFORM"):
         for path in tmp.glob("transform_*.h5"):

@@ -181,13 +181,19 @@ def test_segment_two_phases_imports_all_results(scene):
     np.testing.assert_array_equal(exported, expected)
     np.testing.assert_allclose(ijkToRASArray(labelmap), matrix, atol=1e-6)
 
-    # Heatmaps: one per phase, perceptual colour map, window 0..1, ~0 transparent, reference geometry.
+    # Heatmaps: one per phase, perceptual colour map, the engine's window inside the liver
+    # (stats.json attention_window), ~0 transparent, reference geometry.
     assert set(result.heatmapNodes) == {"arterial", "venous"}
     for phase, heat in result.heatmapNodes.items():
         display = heat.GetDisplayNode()
         color = display.GetColorNode()
         assert color.IsA("vtkMRMLProceduralColorNode")
-        assert display.GetWindow() == pytest.approx(1.0) and display.GetLevel() == pytest.approx(0.5)
+        low, high = result.stats["attention_window"][phase]
+        values = slicer.util.arrayFromVolume(heat)
+        inside = values[np.where(source >= 100)]  # the liver (and tumors) of this phantom
+        assert low == pytest.approx(np.percentile(inside, 2), abs=1e-3)
+        assert high == pytest.approx(np.percentile(inside, 98), abs=1e-3) and high - low < 1.0
+        assert display.GetWindow() == pytest.approx(high - low) and display.GetLevel() == pytest.approx((low + high) / 2)
         assert display.GetApplyThreshold() and 0 < display.GetLowerThreshold() < 0.1
         np.testing.assert_allclose(ijkToRASArray(heat), matrix, atol=1e-6)
         values = slicer.util.arrayFromVolume(heat)

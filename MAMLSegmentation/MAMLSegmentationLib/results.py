@@ -255,7 +255,9 @@ def _importHeatmaps(scene, imported, output, baseName):
         display = node.GetDisplayNode()
         display.SetAndObserveColorNodeID(colorNode.GetID())
         display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, 1.0)
+        # The engine's window inside the liver (where the reader looks), else the whole 0..1.
+        low, high = ((output.stats or {}).get("attention_window") or {}).get(phase, (0.0, 1.0))
+        display.SetWindowLevelMinMax(float(low), float(high))
         display.SetApplyThreshold(True)
         display.SetLowerThreshold(HEATMAP_LOWER_THRESHOLD)
         display.SetUpperThreshold(1.0e6)

@@ -37,6 +37,8 @@ class SlidingWindowOptions:
     batch_size: int = 2
     mirror: bool = False  # test-time augmentation: all 8 axis flips
     device: str = "auto"
+    # Window starts on multiples of this (z, y, x): the network's total stride (predict_case sets it).
+    align: Sequence[int] = (1, 1, 1)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -62,22 +64,36 @@ def gaussian_importance(patch_size: Sequence[int], sigma_scale: float) -> torch.
     return weight.clamp_min(max(weight[weight > 0].min().item(), 1e-6))
 
 
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Evenly spaced starts covering [0, size) with at most (1 - overlap) * patch between them."""
+def window_starts(size: int, patch: int, overlap: float, align: int = 1) -> list[int]:
+    """Evenly spaced starts covering [0, size) with at most (1 - overlap) * patch between them
+    (rounded up to a multiple of ``align``).
+
+    ``align``: starts are multiples of it (the network's total stride), so every window sees the
+    volume on the same phase of its up-sampling grid and a window's periodic up-sampling pattern
+    does not flip sign from window to window. The last window stays flush with the end; it is a
+    multiple too when ``size - patch`` is (:func:`sliding_window_predict` pads the volume so)."""
     if size <= patch:
         return [0]
     step = patch * (1 - overlap)
     count = math.ceil((size - patch) / step) + 1
-    return [round(i * (size - patch) / (count - 1)) for i in range(count)]
+    align = max(int(align), 1)
+    units = (size - patch) // align
+    starts = [align * round(i * units / (count - 1)) for i in range(count)]
+    if starts[-1] != size - patch:  # not a multiple: the last window flush with the end anyway
+        starts.append(size - patch)
+    return sorted(set(starts))
 
 
-def _pad_to_patch(data: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
-    """Pads (P, z, y, x) symmetrically with zeros (the normalised mean) up to the patch size."""
+def _pad_to_patch(data: torch.Tensor, patch: Sequence[int], align: Sequence[int] = (1, 1, 1)
+                  ) -> tuple[torch.Tensor, list[slice]]:
+    """Pads (P, z, y, x) with zeros (the normalised mean) up to the patch size (symmetrically), and
+    at the end so that size - patch is a multiple of ``align`` (every window start aligned)."""
     pads, crop = [], []
-    for size, p in zip(data.shape[1:], patch):
+    for size, p, a in zip(data.shape[1:], patch, align):
         total = max(p - size, 0)
         before = total // 2
-        pads.append((before, total - before))
+        after = total - before + (-(size + total - p)) % max(int(a), 1)
+        pads.append((before, after))
         crop.append(slice(before, before + size))
     flat = [v for pair in reversed(pads) for v in pair]
     return (F.pad(data, flat) if any(flat) else data), crop
@@ -141,9 +157,11 @@ def sliding_window_predict(
     if volume.ndim != 4:
         raise InputError(f"inference input must be (phases, z, y, x), got shape {tuple(volume.shape)}")
     patch = [int(p) for p in options.patch_size]
-    volume, crop = _pad_to_patch(volume, patch)
+    align = [int(a) for a in options.align]
+    volume, crop = _pad_to_patch(volume, patch, align)
     shape = volume.shape[1:]
-    starts = list(itertools.product(*(window_starts(s, p, options.overlap) for s, p in zip(shape, patch))))
+    starts = list(itertools.product(*(window_starts(s, p, options.overlap, a)
+                                      for s, p, a in zip(shape, patch, align))))
 
     net = net.to(device)
     weight = gaussian_importance(patch, options.sigma_scale).to(device)
@@ -213,7 +231,7 @@ def predict_case(
 
     case = preprocess_phases(images, model.config)
     options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=device,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, align=model.config.network.total_downsampling())
     probabilities, heatmaps = sliding_window_predict(model.network, case.data, case.phases,
                                                      options, progress, cancel)
     probabilities = probabilities_to_input_geometry(probabilities, case)
@@ -226,7 +244,7 @@ def predict_case(
     attention = {}
     if heatmaps is not None:
         for index, phase in enumerate(case.phases):
-            attention[phase] = map_to_input_geometry(heatmaps[index], case)
+            attention[phase] = map_to_input_geometry(_antialiased(heatmaps[index], case, model.config), case)
     if len(case.phases) == len(model.config.phases):
         head = "fused"
     elif len(case.phases) == 1:
@@ -235,3 +253,13 @@ def predict_case(
         head = f"mean({', '.join(case.phases)})"
     return CasePrediction(labels, attention, probabilities if keep_probabilities else None,
                           case.phases, head)
+
+
+def _antialiased(heatmap: np.ndarray, case, config) -> np.ndarray:
+    """The heatmap low-passed for resampling to the image grid (maml.attention.antialias): the
+    period of the last transposed convolution removed (none with trilinear up-sampling)."""
+    from .attention import antialias
+
+    network = config.network
+    stride = (1, 1, 1) if network.final_upsampling == "trilinear" else network.strides[1]
+    return antialias(heatmap, case.model_geometry.spacing_zyx, case.input_geometry.spacing_zyx, stride)

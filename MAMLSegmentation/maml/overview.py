@@ -6,8 +6,9 @@ tumor, the volume's middle when there is no liver either). One row per phase; co
 1. the CT slice in a soft-tissue window (W400 L50; a 1-99 % percentile window for an image that is
    not in Hounsfield units), with orientation letters and a scale bar;
 2. the same slice with the liver outline (liver including tumors) and the tumor outlines;
-3. that phase's MA attention map (0..1, ``inferno``) over the CT, with a colour bar and the tumor
-   outline dashed for reference. Left out when there are no attention maps (a single phase).
+3. that phase's MA attention map (``inferno``) over the CT, with a colour bar and the tumor
+   outline dashed for reference; the colour map spans the 2-98th percentiles of the attention inside
+   the liver (stats.json ``attention_window``), where the reader looks. Left out when there are no attention maps (a single phase).
 
 Display follows the radiological convention: every image is first reoriented with
 ``sitk.DICOMOrient(image, "LPS")`` (a permutation/flip of axes, no resampling), so array columns run
@@ -138,6 +139,19 @@ def _window(ct: np.ndarray, volume: np.ndarray) -> tuple[float, float, str]:
     if hi <= lo:
         hi = lo + 1
     return float(lo), float(hi), "1-99 % window"
+
+
+def _attention_window(stats: dict, phase: str, attention_lps: sitk.Image, labels_array, liver: int,
+                      tumor: int) -> tuple[float, float]:
+    """The colour map's range: the engine's window inside the liver (stats.json attention_window),
+    else computed the same way (maml.attention.display_window) from the labels."""
+    from .attention import display_window
+
+    window = (stats.get("attention_window") or {}).get(phase)
+    if window is not None:
+        return float(window[0]), float(window[1])
+    organ = (np.asarray(labels_array) == liver) | (np.asarray(labels_array) == tumor)
+    return display_window(sitk.GetArrayViewFromImage(attention_lps), organ)
 
 
 def _fmt_ml(v) -> str:
@@ -340,7 +354,8 @@ def render_overview(
                 oriented_attention = _orient(attention[phase])
                 att = np.array(sitk.GetArrayViewFromImage(oriented_attention)[k, rows, cols],
                                dtype=np.float32)
-                heat = ax.imshow(np.clip(att, 0, 1), cmap=ATTENTION_CMAP, vmin=0, vmax=1,
+                low, high = _attention_window(stats, phase, oriented_attention, lab, liver_label, tumor_label)
+                heat = ax.imshow(np.clip(att, 0, 1), cmap=ATTENTION_CMAP, vmin=low, vmax=high,
                                  alpha=ATTENTION_ALPHA, extent=extent, interpolation="bilinear",
                                  aspect="equal")
                 _outline(ax, tumor_mask, sx, sy, "white", 0.8, style="dashed")
@@ -350,7 +365,8 @@ def render_overview(
                 cax = fig.add_axes((left, (top - panel_h * 0.9) / fig_h, 0.12 / fig_w, 0.8 * panel_h / fig_h))
                 bar = fig.colorbar(heat, cax=cax)
                 bar.solids.set_alpha(1)
-                bar.set_ticks([0, 0.5, 1])
+                bar.set_ticks([low, (low + high) / 2, high])
+                bar.ax.set_yticklabels([f"{v:.2f}" for v in (low, (low + high) / 2, high)])
                 bar.ax.tick_params(labelsize=7)
                 bar.set_label(f"{phase} attention", fontsize=7)
             else:

@@ -129,6 +129,7 @@ def segment(
     from .inference import predict_case, resolve_device
     from .io import read_image
     from .registration import register
+    from .attention import attention_windows
     from .stats import add_enhancement, compute_statistics
 
     options = options or SegmentOptions()
@@ -178,6 +179,7 @@ def segment(
     stats = compute_statistics(prediction.labels, liver_label=values.get("liver", 1),
                                tumor_label=values.get("tumor", 2), label_names=label_names)
     add_enhancement(stats, prediction.labels, on_reference)
+    stats["attention_window"] = attention_windows(attention, prediction.labels)
     report.done("statistics")
     stats.update({
         "reference_phase": reference,
