@@ -235,8 +235,11 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          foregroundOpacity=p.heatmapOpacity if heatmap else 0.0)
 
 
-def ensureDependencies() -> bool:
-    """PyTorch through the PyTorch extension, then the engine's pip packages, after one confirmation."""
+def ensureDependencies(dicomSeg: bool = False) -> bool:
+    """PyTorch through the PyTorch extension, then the pip packages the chosen options need and lack
+    (version-aware, MAMLSegmentationLib.install), after one confirmation."""
+    from MAMLSegmentationLib import install
+
     try:
         import PyTorchUtils
     except ModuleNotFoundError:
@@ -245,10 +248,11 @@ def ensureDependencies() -> bool:
         return False
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
     needTorch = not torchLogic.torchInstalled()
-    missing = lib.missingPipRequirements()
+    missing = install.missingRequirements(dicomSeg)
     if not needTorch and not missing:
         return True
-    items = (["PyTorch (through the PyTorch extension)"] if needTorch else []) + [m["requirement"] for m in missing]
+    items = (["PyTorch (through the PyTorch extension)"] if needTorch else []) + [
+        f"{text} ({reason})" for text, reason in missing]
     if not slicer.util.confirmOkCancelDisplay(
             "MAML segmentation needs these Python packages; they will be downloaded and installed now "
             "(SimpleITK, numpy and torch are kept as they are):\n\n" + "\n".join(items)):
@@ -257,13 +261,11 @@ def ensureDependencies() -> bool:
         if needTorch and torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.1") is None:
             slicer.util.errorDisplay("PyTorch could not be installed; see the PyTorch Utils module.")
             return False
-        constraints = pathlib.Path(tempfile.mkdtemp(prefix="MAMLSegmentation-pip-")) / "constraints.txt"
-        constraints.write_text(lib.pipConstraints())
+        constraintsDir = tempfile.mkdtemp(prefix="MAMLSegmentation-pip-")
         try:
-            for arguments in lib.pipInstallArguments(missing, constraints):
-                slicer.util.pip_install(arguments)
+            install.installMissing(slicer.util.pip_install, constraintsDir, dicomSeg)
         finally:
-            shutil.rmtree(constraints.parent, ignore_errors=True)
+            shutil.rmtree(constraintsDir, ignore_errors=True)
     return True
 
 

@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     seg.add_argument("--reference")
     seg.add_argument("--device", default="auto")
     seg.add_argument("--json-progress", action="store_true")
+    seg.add_argument("--no-overview", action="store_true")
     args = parser.parse_args(argv)
     return segment(args)
 

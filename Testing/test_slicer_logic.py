@@ -390,12 +390,17 @@ def test_segment_command_line_follows_the_engine_contract(tmp_path):
         assert part in joined
     assert command[-1] == "--json-progress"
     assert "--no-postprocessing" not in command
+    assert "--no-overview" in command  # Slicer draws its own views: no matplotlib needed
+    dicom = logic.buildSegmentCommand({"venous": "/t/v.nrrd"}, "/t/out", model, dicomSource="/t/dicom")
     # the engine's own parser accepts both commands, post-processing off included
     from maml.cli import build_parser
 
     raw = logic.buildSegmentCommand({"venous": "/t/v.nrrd"}, "/t/out", model, postprocess=False)
     assert build_parser().parse_args(raw[3:]).no_postprocessing is True
     assert build_parser().parse_args(command[3:]).no_postprocessing is False
+    assert build_parser().parse_args(command[3:]).no_overview is True
+    parsed = build_parser().parse_args(dicom[3:])
+    assert parsed.dicom_seg is True and parsed.dicom_source == "/t/dicom"
     batch = logic.buildSegmentBatchCommand("/t/in", "/t/out", model, postprocess=False)
     assert batch[3] == "segment-batch" and build_parser().parse_args(batch[3:]).no_postprocessing is True
     env = logic.engineEnvironment()
@@ -404,16 +409,48 @@ def test_segment_command_line_follows_the_engine_contract(tmp_path):
 
 
 def test_dependency_install_never_replaces_shipped_packages(tmp_path):
-    from MAMLSegmentationLib import logic as lib
+    from MAMLSegmentationLib import install
 
-    constraints = lib.pipConstraints()
+    constraints = install.pipConstraints()
     for name in ("numpy", "SimpleITK", "torch"):
         assert f"{name}==" in constraints
-    calls = lib.pipInstallArguments(lib.PIP_REQUIREMENTS, tmp_path / "c.txt")
-    monai = [c for c in calls if c.startswith("monai")]
-    assert monai and all("--no-deps" in c for c in monai)
-    assert all(("--no-deps" in c) or (f"-c {tmp_path / 'c.txt'}" in c) for c in calls)
-    assert not any(n in c.split() for c in calls for n in ("torch", "numpy", "SimpleITK"))
+    folder = tmp_path / "C:\\Users\\Jane Doe\\AppData"  # a Windows-like path with a space and backslashes
+    arguments = install.pipInstallArguments(["itk-elastix>=0.20", "highdicom>=0.22"], folder / "c.txt")
+    assert arguments == ["itk-elastix>=0.20", "highdicom>=0.22", "-c", str(folder / "c.txt")]  # one list
+    assert install.pipInstallArguments([], folder / "c.txt") == []
+
+
+def test_dependency_check_is_version_aware():
+    from importlib import metadata
+
+    from MAMLSegmentationLib import install
+
+    numpy_version = metadata.version("numpy")
+    assert install.unmetRequirement("numpy>=1.0") is None
+    assert install.unmetRequirement("numpy>=999") == f"numpy {numpy_version} is installed, >=999 is needed"
+    assert install.unmetRequirement("maml-no-such-package>=1") == "maml-no-such-package is not installed"
+    # only what the options need: no monai, tqdm or matplotlib; highdicom with a DICOM SEG only
+    assert not any(name in " ".join(install.requiredPackages(True)) for name in ("monai", "tqdm", "matplotlib"))
+    assert "highdicom>=0.22" in install.requiredPackages(dicomSeg=True)
+    assert "highdicom>=0.22" not in install.requiredPackages(dicomSeg=False)
+    # a too old highdicom counts as missing, an installed new enough one does not
+    old = {"highdicom": "0.1.0"}
+    versions = lambda name: old.get(name) or metadata.version(name)  # noqa: E731
+    assert [text for text, _ in install.missingRequirements(True, versions)] == ["highdicom>=0.22"]
+    assert install.missingRequirements(True) == []  # this environment has them all
+
+
+def test_install_missing_passes_pip_install_one_list(tmp_path, monkeypatch):
+    from MAMLSegmentationLib import install
+
+    calls = []
+    monkeypatch.setattr(install, "DICOM_SEG_REQUIREMENTS", ("maml-no-such-package>=1",))
+    installed = install.installMissing(calls.append, tmp_path, dicomSeg=True)
+    assert installed == ["maml-no-such-package>=1"]
+    assert calls == [["maml-no-such-package>=1", "-c", str(tmp_path / "constraints.txt")]]
+    assert "numpy==" in (tmp_path / "constraints.txt").read_text()
+    calls.clear()
+    assert install.installMissing(calls.append, tmp_path, dicomSeg=False) == [] and calls == []
 
 
 # ---------------------------------------------------------------- saved scene -------------------
@@ -450,7 +487,8 @@ def test_results_survive_saving_and_reloading_the_scene_as_mrb(scene, tmp_path):
                                       np.where(source >= 200, 2, np.where(source >= 100, 1, 0)))
         heat = loaded.GetFirstNodeByName("MAML attention arterial")
         assert heat.GetDisplayNode().GetColorNode().GetName() == "MAML attention (inferno)"
-        assert heat.GetDisplayNode().GetApplyThreshold() and heat.GetDisplayNode().GetWindow() == pytest.approx(1)
+        window = result.heatmapNodes["arterial"].GetDisplayNode().GetWindow()  # the engine's, inside the liver
+        assert heat.GetDisplayNode().GetApplyThreshold() and heat.GetDisplayNode().GetWindow() == pytest.approx(window)
         np.testing.assert_allclose(slicer.util.arrayFromVolume(heat),
                                    slicer.util.arrayFromVolume(result.heatmapNodes["arterial"]), atol=1e-6)
         transform = arterial2.GetParentTransformNode()

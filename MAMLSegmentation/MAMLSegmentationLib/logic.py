@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -47,51 +46,8 @@ DEFAULT_MODEL_NAME = "maml_liver_demo.pt"  # maml.pipeline.DEFAULT_MODEL_NAME
 
 # pip requirements of the engine beyond what Slicer ships (numpy, SimpleITK) and PyTorch (from the
 # PyTorch extension). "no_deps": installed with --no-deps because its dependencies would replace torch.
-PIP_REQUIREMENTS = [
-    {"requirement": "monai>=1.3", "distribution": "monai", "no_deps": True},
-    {"requirement": "itk-elastix>=0.20", "distribution": "itk-elastix", "no_deps": False},
-    {"requirement": "tqdm>=4.60", "distribution": "tqdm", "no_deps": False},
-    {"requirement": "matplotlib>=3.7", "distribution": "matplotlib", "no_deps": False},
-]
-# What pip must never replace: pinned to the installed versions with a constraints file.
-PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch")
-
 _MODEL_INFO_CACHE: dict = {}  # (resolved path, mtime) -> maml info JSON
 _PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-
-def missingPipRequirements() -> list:
-    """Entries of PIP_REQUIREMENTS whose distribution is not installed."""
-    missing = []
-    for entry in PIP_REQUIREMENTS:
-        try:
-            metadata.version(entry["distribution"])
-        except metadata.PackageNotFoundError:
-            missing.append(entry)
-    return missing
-
-
-def pipConstraints() -> str:
-    """A pip constraints file's text pinning the protected packages to their installed versions."""
-    lines = []
-    for name in PROTECTED_DISTRIBUTIONS:
-        try:
-            lines.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pass
-    return "\n".join(lines) + "\n"
-
-
-def pipInstallArguments(entries: list, constraintsFile) -> list:
-    """Argument strings for ``slicer.util.pip_install``, one call each (no_deps ones separate)."""
-    calls = []
-    plain = [e["requirement"] for e in entries if not e["no_deps"]]
-    if plain:
-        calls.append(" ".join([*plain, "-c", str(constraintsFile)]))
-    for entry in entries:
-        if entry["no_deps"]:
-            calls.append(f"{entry['requirement']} --no-deps")
-    return calls
 
 
 def bundledModels() -> list:
@@ -326,7 +282,8 @@ class MAMLSegmentationLogic:
         options = ["--model", str(model)] if model else []
         if not postprocess:
             options.append("--no-postprocessing")
-        return options + ["--json-progress"]
+        # No overview.png: Slicer shows the results itself (and needs no matplotlib for it).
+        return options + ["--no-overview", "--json-progress"]
 
     def modelInfo(self, model=None, timeout: float = 120) -> dict:
         """The model's configuration (``maml info MODEL --json``): phases, labels, intended use."""

@@ -24,20 +24,40 @@ __all__ = ["antialias", "attention_windows", "display_window", "stripe_ratio"]
 def antialias(heatmap: np.ndarray, model_spacing_zyx: Sequence[float], image_spacing_zyx: Sequence[float],
               upsampling_stride_zyx: Sequence[int] = (1, 2, 2)) -> np.ndarray:
     """A (z, y, x) map on the model grid, low-passed so that linear resampling onto the image grid
-    neither shows the last upsampling's period nor aliases (see the module docstring)."""
-    from scipy.ndimage import correlate1d, gaussian_filter1d
-
+    neither shows the last upsampling's period nor aliases (see the module docstring). numpy only
+    (SciPy is not part of Slicer's Python)."""
     out = np.asarray(heatmap, dtype=np.float32)
     for axis, stride in enumerate(upsampling_stride_zyx):
         if int(stride) == 2:
-            out = correlate1d(out, [0.25, 0.5, 0.25], axis=axis, mode="nearest")
+            out = _correlate(out, np.array([0.25, 0.5, 0.25]), axis)
         elif int(stride) > 2:  # a box over the period: zero response at its frequency and harmonics
-            out = correlate1d(out, np.full(int(stride), 1.0 / int(stride)), axis=axis, mode="nearest")
+            out = _correlate(out, np.full(int(stride), 1.0 / int(stride)), axis)
     for axis, (model, image) in enumerate(zip(model_spacing_zyx, image_spacing_zyx)):
         ratio = float(image) / float(model)
         if ratio > 1.0 + 1e-6:
             # sigma (model voxels) of the usual anti-aliasing filter for a down-sampling by ratio
-            out = gaussian_filter1d(out, sigma=0.5 * np.sqrt(ratio**2 - 1.0), axis=axis, mode="nearest")
+            out = _correlate(out, _gaussian_kernel(0.5 * np.sqrt(ratio**2 - 1.0)), axis)
+    return out
+
+
+def _gaussian_kernel(sigma: float) -> np.ndarray:
+    radius = max(1, int(np.ceil(4 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def _correlate(values: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
+    """1D correlation along ``axis`` with the edge values repeated beyond the border."""
+    n = len(kernel)
+    before = (n - 1) // 2
+    pad = [(0, 0)] * values.ndim
+    pad[axis] = (before, n - 1 - before)
+    padded = np.pad(values, pad, mode="edge")
+    length = values.shape[axis]
+    out = np.zeros(values.shape, np.float32)
+    for offset, weight in enumerate(kernel):
+        out += np.float32(weight) * np.take(padded, np.arange(offset, offset + length), axis=axis)
     return out
 
 
