@@ -35,6 +35,7 @@ from MAMLSegmentationLib import (
     updateVolumeNodeFromImage,
 )
 from MAMLSegmentationLib.conversion import ijkToRASArray
+from maml.config import LIVER_LABELS
 
 FAKE_ENGINE = Path(__file__).with_name("slicer_fake_engine.py")
 F = np.diag([-1.0, -1.0, 1.0])
@@ -165,7 +166,7 @@ def test_segment_two_phases_imports_all_results(scene):
     assert names == ["Liver", "Liver tumor"]
     liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver"))
     tumor = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver tumor"))
-    np.testing.assert_allclose(liver.GetColor(), (221 / 255, 130 / 255, 101 / 255), atol=1e-6)
+    np.testing.assert_allclose(liver.GetColor(), LIVER_LABELS[1].color, atol=1e-6)
     assert "SCT^10200004^Liver" in liver.GetTerminology()
     assert "SCT^108369006^Neoplasm" in tumor.GetTerminology()
     assert seg.GetDisplayNode() is not None
@@ -476,7 +477,7 @@ def test_results_survive_saving_and_reloading_the_scene_as_mrb(scene, tmp_path):
         segmentation = seg.GetSegmentation()
         tumor = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver tumor"))
         assert "SCT^108369006" in tumor.GetTerminology()
-        np.testing.assert_allclose(tumor.GetColor(), (144 / 255, 238 / 255, 144 / 255), atol=1e-6)
+        np.testing.assert_allclose(tumor.GetColor(), LIVER_LABELS[2].color, atol=1e-6)
         venous2 = loaded.GetFirstNodeByName("venous")
         arterial2 = loaded.GetFirstNodeByName("arterial")
         labelmap = loaded.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
@@ -556,7 +557,7 @@ def test_model_label_names_and_colours_are_used_for_other_labels(scene):
     vessel = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("vessel"))
     liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver"))
     np.testing.assert_allclose(vessel.GetColor(), (0, 0, 1))
-    np.testing.assert_allclose(liver.GetColor(), (221 / 255, 130 / 255, 101 / 255), atol=1e-6)
+    np.testing.assert_allclose(liver.GetColor(), LIVER_LABELS[1].color, atol=1e-6)
     assert node_count(scene) > before and nodes.heatmaps == {} and nodes.transforms == {}
 
 
@@ -621,3 +622,13 @@ def test_sample_data_registers_the_bundled_phantom_offline_and_every_file_loads(
     center = (ijkToRASArray(venous) @ np.array([80, 80, 40, 1.0]))[:3]
     np.testing.assert_allclose(motion.GetTransformFromParent().TransformPoint(center),
                                F @ np.array(itk.TransformPoint(tuple(F @ center))), atol=1e-2)
+
+
+def test_one_colour_per_label_in_slicer_the_engine_and_the_overview():
+    from maml import overview
+    from MAMLSegmentationLib.results import DEFAULT_LABELS, STANDARD_SEGMENTS
+
+    engine = {label.name: tuple(label.color) for label in LIVER_LABELS}
+    assert STANDARD_SEGMENTS["liver"]["color"] == engine["liver"] == overview.LIVER_COLOR
+    assert STANDARD_SEGMENTS["tumor"]["color"] == engine["tumor"] == overview.TUMOR_COLOR
+    assert {d["name"]: tuple(d["color"]) for d in DEFAULT_LABELS} == {"liver": engine["liver"], "tumor": engine["tumor"]}

@@ -20,19 +20,20 @@ import slicer
 from .conversion import LPS_FROM_RAS, addVolumeNodeFromImage, ijkToRASFromImage, orientedImageDataFromArray
 from .errors import MAMLSegmentationError
 
-# Standard terminology (DICOM / SNOMED CT codes as in Slicer's terminology lists) and colours
-# (Slicer's GenericAnatomyColors: "liver" 221,130,101 and "mass" 144,238,144) of the two segments.
+# Standard terminology (DICOM / SNOMED CT codes as in Slicer's terminology lists) of the two segments
+# and one colour per label everywhere: the engine's (maml.config.LIVER_LABELS: its overview picture
+# and DICOM SEG use the same), so a tumor is the same red in Slicer, the overview and PACS.
 _CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _ANATOMY = "Anatomic codes - DICOM master list"
 STANDARD_SEGMENTS = {
     "liver": {
         "name": "Liver",
-        "color": (221 / 255, 130 / 255, 101 / 255),
+        "color": (0.86, 0.57, 0.40),
         "terminology": f"{_CONTEXT}~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~{_ANATOMY}~^^~^^",
     },
     "tumor": {
         "name": "Liver tumor",
-        "color": (144 / 255, 238 / 255, 144 / 255),
+        "color": (0.87, 0.30, 0.26),
         "terminology": (
             f"{_CONTEXT}~SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^"
             f"~{_ANATOMY}~SCT^10200004^Liver~^^"

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .config import LIVER_LABELS
 from .errors import InputError
 from .io import write_bytes_atomic
 from .stats import compute_statistics, label_name_map
@@ -43,8 +44,9 @@ DPI = 150
 WINDOW_HU = (400.0, 50.0)  # width, level: abdominal soft tissue
 ATTENTION_CMAP = "inferno"
 ATTENTION_ALPHA = 0.6
-LIVER_COLOR = "#56B4E9"  # Okabe-Ito sky blue
-TUMOR_COLOR = "#F0E442"  # Okabe-Ito yellow: distinct from the blue and from inferno's reds
+# One colour per label everywhere: the labels' colours (maml.config.LIVER_LABELS), as in Slicer.
+LIVER_COLOR = tuple(LIVER_LABELS[1].color)
+TUMOR_COLOR = tuple(LIVER_LABELS[2].color)
 MARGIN_MM = 25.0
 MIN_FIELD_MM = 80.0
 DISCLAIMER = "Research use only - not for clinical use"
