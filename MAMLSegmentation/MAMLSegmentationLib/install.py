@@ -90,3 +90,16 @@ def installMissing(pipInstall, constraintsDir, dicomSeg: bool = False) -> list:
     constraints.write_text(pipConstraints())
     pipInstall(pipInstallArguments(missing, constraints))
     return missing
+
+
+def missingEngineDependencies(findSpec=None, version=metadata.version) -> list:
+    """What a run of the engine lacks in this Python ("torch", "itk-elastix>=0.20 (...)"): the
+    Reload-and-Test case skips with this list where the Extensions build machines have neither."""
+    from importlib.util import find_spec
+
+    missing = [] if (findSpec or find_spec)("torch") is not None else ["torch (the PyTorch extension)"]
+    for text in BASE_REQUIREMENTS:
+        reason = unmetRequirement(text, version)
+        if reason:
+            missing.append(f"{text} ({reason})")
+    return missing
