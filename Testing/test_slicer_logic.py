@@ -246,9 +246,9 @@ def test_segment_two_phases_imports_all_results(scene):
             assert float(cells[f"{title} liver"]) == pytest.approx(e["liver_median_hu"][phase])
             assert float(cells[f"{title} contrast"]) == pytest.approx(e["contrast_hu"][phase])
             assert tumors.GetColumnUnitLabel(f"{title} contrast") == "HU"
-        assert cells["APHE"] == ("yes" if e["aphe"] else "no")
-        assert cells["Washout"] == ("yes" if e["washout"] else "no")
-        assert cells["Capsule"] == ("yes" if e["capsule"] else "no")
+        shown = {True: "yes", False: "no", None: "n/a"}
+        assert (cells["APHE"], cells["Washout"], cells["Capsule"]) == tuple(
+            shown[e[flag]] for flag in ("aphe", "washout", "capsule"))
     assert "not a LI-RADS category" in tumors.GetAttribute("MAMLSegmentation.enhancementNote")
 
 

@@ -343,7 +343,7 @@ def tumor_enhancement(
       venous phase (darker than the liver; hypovascular lesions and cysts are darker too, so read it
       together with ``aphe``);
     - ``capsule``: venous rim median >= both the core and the liver medians + ``CAPSULE_MARGIN_HU``
-      (an enhancing rim).
+      (an enhancing rim); ``None`` for a tumor too thin to have a core (nothing to tell a rim from).
 
     These are research features measured on the images, not a LI-RADS category.
     """
@@ -395,10 +395,9 @@ def _enhancement_entry(medians: dict, shell_voxels: int) -> dict:
     arterial = _difference(interior.get(ARTERIAL), liver.get(ARTERIAL))
     venous = _difference(interior.get(VENOUS), liver.get(VENOUS))
     capsule = None
-    if VENOUS in rim and rim[VENOUS] is not None and liver[VENOUS] is not None:
-        # A tumor too thin to have a core is compared with the liver alone.
-        background = max(v for v in (core[VENOUS], liver[VENOUS]) if v is not None)
-        capsule = rim[VENOUS] - background >= CAPSULE_MARGIN_HU
+    # A tumor too thin to have a core has no rim to tell from its body: no capsule flag (None).
+    if VENOUS in rim and None not in (rim[VENOUS], core[VENOUS], liver[VENOUS]):
+        capsule = rim[VENOUS] - max(core[VENOUS], liver[VENOUS]) >= CAPSULE_MARGIN_HU
     return {
         "tumor_median_hu": tumor,
         "liver_median_hu": liver,
