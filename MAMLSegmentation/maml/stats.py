@@ -294,6 +294,7 @@ SHELL_MM = 5.0  # the surrounding liver: parenchyma within this distance of the 
 RIM_MM = 2.0  # the tumor's rim (where a capsule would be): its outer voxel layer, within this of its border
 APHE_MARGIN_HU = 20.0  # tumor brighter than the liver shell in the arterial phase by at least this
 WASHOUT_MARGIN_HU = 10.0  # tumor darker than the liver shell in the venous phase by at least this
+MIN_CORE_VOXELS = 30  # fewer voxels deeper than RIM_MM: the tumor counts as having no core
 CAPSULE_MARGIN_HU = 5.0  # venous rim brighter than both the tumor's core and the liver shell by this
 ENHANCEMENT_NOTE = ("research features computed from the images, not a LI-RADS category and not a "
                     "diagnosis")
@@ -334,7 +335,8 @@ def tumor_enhancement(
     ``phases``: phase name -> CT image (HU) on the label map's grid (the registered phases). Per tumor:
     ``tumor_median_hu`` (median HU of the tumor's voxels), ``liver_median_hu`` (median HU of the liver
     parenchyma within ``SHELL_MM`` of the tumor), ``contrast_hu`` (tumor minus liver), ``rim_median_hu``
-    and ``core_median_hu`` (tumor voxels within / deeper than ``RIM_MM`` of its border), per phase;
+    and ``core_median_hu`` (tumor voxels within / deeper than ``RIM_MM`` of its border; no core when
+    fewer than ``MIN_CORE_VOXELS`` are deeper), per phase;
     ``None`` where there are no such voxels. Flags, ``None`` when the phase they need is missing:
 
     - ``aphe``: the interior (the core, or the whole tumor when it has none: "nonrim") minus the
@@ -371,6 +373,8 @@ def tumor_enhancement(
             "rim": tumor & (distance >= -RIM_MM),
             "core": tumor & (distance < -RIM_MM),
         }
+        if regions["core"].sum() < MIN_CORE_VOXELS:  # the median of a few voxels is noise
+            regions["core"] = np.zeros_like(tumor)
         medians = {region: {name: _median(np.asarray(values[box][mask], float))
                             for name, values in hu.items()} for region, mask in regions.items()}
         results.append(_enhancement_entry(medians, int(regions["liver"].sum())))
