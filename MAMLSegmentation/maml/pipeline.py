@@ -126,10 +126,10 @@ def segment(
     cancel: Callable[[], bool] | None = None,
 ) -> SegmentationResult:
     """Segment one case. ``images`` maps phase names to images or paths; any phase may be missing."""
+    from .attention import attention_windows
     from .inference import predict_case, resolve_device
     from .io import read_image
     from .registration import register
-    from .attention import attention_windows
     from .stats import add_enhancement, compute_statistics
 
     options = options or SegmentOptions()
