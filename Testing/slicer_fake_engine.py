@@ -116,6 +116,13 @@ def segment(args) -> int:
     tumors = [{"id": int(i), "volume_ml": shape.GetNumberOfPixels(i) * voxel_ml,
                "diameter_mm": shape.GetFeretDiameter(i), "centroid_lps": list(shape.GetCentroid(i))}
               for i in shape.GetLabels()]
+    # The engine's own enhancement measure (tumors numbered by decreasing size, as the engine does).
+    from maml.stats import tumor_enhancement
+
+    tumors.sort(key=lambda t: -t["volume_ml"])
+    for number, (tumor, entry) in enumerate(zip(tumors, tumor_enhancement(label_image, registered)), 1):
+        tumor["id"] = number
+        tumor["enhancement"] = entry
     liver_ml = float((labels >= 1).sum()) * voxel_ml
     stats = {
         "tumor_count": len(tumors), "tumors": tumors, "liver_volume_ml": liver_ml,
@@ -123,6 +130,11 @@ def segment(args) -> int:
         "registration": registration, "timings": {"total_s": 0.1}, "device": "cpu",
         "model": {"name": "fake", "sha256": "0" * 64, "labels": LABELS, "phases": sorted(phases)},
     }
+    if len(images) > 1:  # the engine's display window inside the liver
+        from maml.attention import attention_windows
+
+        stats["attention_window"] = attention_windows(
+            {phase: sitk.ReadImage(str(tmp / f"attention_{phase}.nii.gz")) for phase in registered}, label_image)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     if os.environ.get("FAKE_ENGINE_BAD_TRANSFORM"):
         for path in tmp.glob("transform_*.h5"):
@@ -147,6 +159,7 @@ def main(argv=None) -> int:
     seg.add_argument("--reference")
     seg.add_argument("--device", default="auto")
     seg.add_argument("--json-progress", action="store_true")
+    seg.add_argument("--no-overview", action="store_true")
     args = parser.parse_args(argv)
     return segment(args)
 

@@ -106,8 +106,10 @@ def test_write_unsupported_suffix(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def write_dicom_series(image: sitk.Image, folder, series_uid: str, description: str, number: int = 1):
-    """Write a CT volume as one DICOM file per slice, after SimpleITK's DicomSeriesFromArray example."""
+def write_dicom_series(image: sitk.Image, folder, series_uid: str, description: str, number: int = 1,
+                       extra_tags=()):
+    """Write a CT volume as one DICOM file per slice, after SimpleITK's DicomSeriesFromArray example.
+    ``extra_tags``: more (tag, value) pairs for every slice."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -129,6 +131,7 @@ def write_dicom_series(image: sitk.Image, folder, series_uid: str, description: 
         ("0018|0050", str(image.GetSpacing()[2])),  # slice thickness
         ("0028|1053", "1"),  # rescale slope
         ("0028|1052", "0"),  # rescale intercept
+        *extra_tags,
     ]
     for k in range(image.GetDepth()):
         slice_ = image[:, :, k]

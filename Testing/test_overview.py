@@ -191,3 +191,26 @@ def test_bad_inputs(abdomen):
         overview.render_overview({"venous": small}, labels)
     with pytest.raises(InputError, match="attention map 'delayed' has no phase"):
         overview.render_overview(phases, labels, {"delayed": attention["venous"]})
+
+
+def test_footer_shows_each_tumors_enhancement(abdomen):
+    from maml.stats import add_enhancement
+
+    phases, labels, attention = abdomen
+    plain = compute_statistics(labels, label_names=NAMES)
+    stats = add_enhancement(compute_statistics(labels, label_names=NAMES), labels, phases)
+    assert stats["tumors"]
+    lines = overview._footer_lines(stats, dict(enumerate(NAMES)), 1, 2)
+    extra = lines[len(overview._footer_lines(plain, dict(enumerate(NAMES)), 1, 2)):]
+    shown = stats["tumors"][: overview.MAX_ENHANCEMENT_LINES]
+    assert len(extra) == len(shown)
+    for line, tumor in zip(extra, shown):
+        e = tumor["enhancement"]
+        assert line.startswith(f"Tumor {tumor['id']} vs liver: arterial {e['contrast_hu']['arterial']:+.0f} HU")
+        assert f"venous {e['contrast_hu']['venous']:+.0f} HU" in line
+        assert f"APHE {'yes' if e['aphe'] else 'no'}" in line and "not LI-RADS" in line
+    # the footer grows by one line per tumor shown
+    taller = overview.render_overview(phases, labels, attention, stats, NAMES)
+    plain_fig = overview.render_overview(phases, labels, attention, plain, NAMES)
+    grown = taller.get_size_inches()[1] - plain_fig.get_size_inches()[1]
+    assert grown == pytest.approx(overview._LINE_H * len(extra))

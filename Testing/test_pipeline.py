@@ -75,6 +75,12 @@ def test_segment_both_phases_writes_every_output_in_the_reference_geometry(tiny_
     assert set(stats["timings"]) == {"load", "register", "inference", "statistics", "write"}
     assert stats["registration"]["phases"]["arterial"]["after"] > stats["registration"]["phases"]["arterial"]["before"]
     assert stats["tumor_count"] == len(stats["tumors"])
+    for tumor in stats["tumors"]:  # per-phase enhancement of every tumor (maml.stats.tumor_enhancement)
+        e = tumor["enhancement"]
+        assert set(e["tumor_median_hu"]) == set(e["liver_median_hu"]) == {"arterial", "venous"}
+        # None only where there is no liver around the tumor to compare with (the tiny model is crude)
+        assert isinstance(e["aphe"], bool) == (e["liver_median_hu"]["arterial"] is not None)
+        assert isinstance(e["washout"], bool) == (e["liver_median_hu"]["venous"] is not None)
 
     records = [json.loads(line) for line in stdout.splitlines()]
     assert records[-1]["step"] == "done"

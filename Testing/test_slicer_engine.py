@@ -274,3 +274,51 @@ def test_an_image_unlike_the_training_data_is_refused_with_the_engines_sentence(
     assert scene_snapshot(scene) == before and temp_dirs() == before_dirs
     result = logic.segment({"venous": venous}, device="cpu", acceptOutOfDistribution=True)
     assert result.domainCheck["status"] == "warning" and result.domainCheck["accepted_out_of_distribution"]
+
+
+def test_dicom_seg_from_the_console_references_the_loaded_series(scene, tiny_model, case_files, tmp_path):
+    """``segment(..., dicomSeg=True)``: the reference node's DICOM files (found through its
+    DICOM.instanceUIDs, as Slicer's DICOM module sets them) go to the engine, which writes
+    segmentation.dcm into the output folder; its masks equal the imported segmentation."""
+    highdicom = pytest.importorskip("highdicom")
+    import pydicom
+    from test_io import write_dicom_series
+
+    venous_image = sitk.Cast(sitk.ReadImage(str(case_files["venous"])), sitk.sitkInt16)
+    series = tmp_path / "series"
+    uid = "1.2.826.0.1.3680043.2.1125.9.7777"
+    write_dicom_series(venous_image, series, uid, "Portal venous", 2,
+                       extra_tags=[("0020|0052", "1.2.826.0.1.3680043.2.1125.9.8888")])
+    files = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: str(p) for p in series.iterdir()}
+    venous = loadVolumeNode(scene, case_files["venous"], "venous")
+    # slicer-core has no DICOM database: the lookup Slicer's database would give, from the files
+    ordered = sorted(files, key=lambda u: int(u.rsplit(".", 1)[1]))
+    venous.SetAttribute("DICOM.instanceUIDs", " ".join(ordered))
+    logic = MAMLSegmentationLogic(pythonExecutable=sys.executable, defaultModel=tiny_model,
+                                  dicomFileForInstance=files.get)
+
+    with pytest.raises(MAMLSegmentationError, match="needs outputDirectory"):
+        logic.segment({"venous": venous}, registration="none", dicomSeg=True)
+    out = tmp_path / "out"
+    result = logic.segment({"venous": venous}, registration="none", dicomSeg=True, outputDirectory=out)
+    seg = highdicom.seg.segread(out / "segmentation.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    masks = seg.get_pixels_by_source_instance(ordered, segment_numbers=[1, 2])
+    labels = exported_labels(result.segmentationNode, venous)
+    assert (labels == 1).any()
+    np.testing.assert_array_equal(masks[..., 0] > 0, labels == 1)
+    np.testing.assert_array_equal(masks[..., 1] > 0, labels == 2)
+
+
+def test_dicom_seg_of_a_volume_not_from_dicom_is_refused_before_the_engine_starts(scene, tiny_model, case_files,
+                                                                                  tmp_path):
+    venous = loadVolumeNode(scene, case_files["venous"], "venous")
+    before = scene_snapshot(scene), temp_dirs()
+    with pytest.raises(MAMLSegmentationError, match="needs the reference phase 'venous' loaded from DICOM"):
+        real_logic(tiny_model).segment({"venous": venous}, dicomSeg=True, outputDirectory=tmp_path / "out")
+    assert (scene_snapshot(scene), temp_dirs()) == before and not (tmp_path / "out").exists()
+    venous.SetAttribute("DICOM.instanceUIDs", "1.2.3.4 1.2.3.5")
+    logic = MAMLSegmentationLogic(pythonExecutable=sys.executable, defaultModel=tiny_model,
+                                  dicomFileForInstance={}.get)
+    with pytest.raises(MAMLSegmentationError, match="no file for 2 of the 2 slices"):
+        logic.segment({"venous": venous}, dicomSeg=True, outputDirectory=tmp_path / "out")

@@ -35,6 +35,7 @@ from MAMLSegmentationLib import (
     updateVolumeNodeFromImage,
 )
 from MAMLSegmentationLib.conversion import ijkToRASArray
+from maml.config import LIVER_LABELS
 
 FAKE_ENGINE = Path(__file__).with_name("slicer_fake_engine.py")
 F = np.diag([-1.0, -1.0, 1.0])
@@ -165,7 +166,7 @@ def test_segment_two_phases_imports_all_results(scene):
     assert names == ["Liver", "Liver tumor"]
     liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver"))
     tumor = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver tumor"))
-    np.testing.assert_allclose(liver.GetColor(), (221 / 255, 130 / 255, 101 / 255), atol=1e-6)
+    np.testing.assert_allclose(liver.GetColor(), LIVER_LABELS[1].color, atol=1e-6)
     assert "SCT^10200004^Liver" in liver.GetTerminology()
     assert "SCT^108369006^Neoplasm" in tumor.GetTerminology()
     assert seg.GetDisplayNode() is not None
@@ -181,13 +182,19 @@ def test_segment_two_phases_imports_all_results(scene):
     np.testing.assert_array_equal(exported, expected)
     np.testing.assert_allclose(ijkToRASArray(labelmap), matrix, atol=1e-6)
 
-    # Heatmaps: one per phase, perceptual colour map, window 0..1, ~0 transparent, reference geometry.
+    # Heatmaps: one per phase, perceptual colour map, the engine's window inside the liver
+    # (stats.json attention_window), ~0 transparent, reference geometry.
     assert set(result.heatmapNodes) == {"arterial", "venous"}
     for phase, heat in result.heatmapNodes.items():
         display = heat.GetDisplayNode()
         color = display.GetColorNode()
         assert color.IsA("vtkMRMLProceduralColorNode")
-        assert display.GetWindow() == pytest.approx(1.0) and display.GetLevel() == pytest.approx(0.5)
+        low, high = result.stats["attention_window"][phase]
+        values = slicer.util.arrayFromVolume(heat)
+        inside = values[np.where(source >= 100)]  # the liver (and tumors) of this phantom
+        assert low == pytest.approx(np.percentile(inside, 2), abs=1e-3)
+        assert high == pytest.approx(np.percentile(inside, 98), abs=1e-3) and high - low < 1.0
+        assert display.GetWindow() == pytest.approx(high - low) and display.GetLevel() == pytest.approx((low + high) / 2)
         assert display.GetApplyThreshold() and 0 < display.GetLowerThreshold() < 0.1
         np.testing.assert_allclose(ijkToRASArray(heat), matrix, atol=1e-6)
         values = slicer.util.arrayFromVolume(heat)
@@ -227,8 +234,22 @@ def test_segment_two_phases_imports_all_results(scene):
     assert tumors.GetNumberOfRows() == 2
     assert tumors.GetColumnUnitLabel("Volume") == "mL"
     centroid = stats["tumors"][0]["centroid_lps"]
-    assert float(tumors.GetCellText(0, 4)) == pytest.approx(-centroid[0])
-    assert float(tumors.GetCellText(0, 6)) == pytest.approx(centroid[2])
+    assert float(tumors.GetCellText(0, 4)) == pytest.approx(-centroid[0], abs=1e-3)  # the cell text has 6 digits
+    assert float(tumors.GetCellText(0, 6)) == pytest.approx(centroid[2], abs=1e-3)
+    # Enhancement per phase and the flags, from stats.json (the engine's maml.stats measure).
+    for row, tumor in enumerate(stats["tumors"]):
+        e = tumor["enhancement"]
+        cells = {tumors.GetColumnName(c): tumors.GetCellText(row, c) for c in range(tumors.GetNumberOfColumns())}
+        for phase in ("arterial", "venous"):
+            title = phase.capitalize()
+            assert float(cells[f"{title} tumor"]) == pytest.approx(e["tumor_median_hu"][phase])
+            assert float(cells[f"{title} liver"]) == pytest.approx(e["liver_median_hu"][phase])
+            assert float(cells[f"{title} contrast"]) == pytest.approx(e["contrast_hu"][phase])
+            assert tumors.GetColumnUnitLabel(f"{title} contrast") == "HU"
+        shown = {True: "yes", False: "no", None: "n/a"}
+        assert (cells["APHE"], cells["Washout"], cells["Capsule"]) == tuple(
+            shown[e[flag]] for flag in ("aphe", "washout", "capsule"))
+    assert "not a LI-RADS category" in tumors.GetAttribute("MAMLSegmentation.enhancementNote")
 
 
 def test_existing_output_segmentation_is_reused(scene):
@@ -370,12 +391,17 @@ def test_segment_command_line_follows_the_engine_contract(tmp_path):
         assert part in joined
     assert command[-1] == "--json-progress"
     assert "--no-postprocessing" not in command
+    assert "--no-overview" in command  # Slicer draws its own views: no matplotlib needed
+    dicom = logic.buildSegmentCommand({"venous": "/t/v.nrrd"}, "/t/out", model, dicomSource="/t/dicom")
     # the engine's own parser accepts both commands, post-processing off included
     from maml.cli import build_parser
 
     raw = logic.buildSegmentCommand({"venous": "/t/v.nrrd"}, "/t/out", model, postprocess=False)
     assert build_parser().parse_args(raw[3:]).no_postprocessing is True
     assert build_parser().parse_args(command[3:]).no_postprocessing is False
+    assert build_parser().parse_args(command[3:]).no_overview is True
+    parsed = build_parser().parse_args(dicom[3:])
+    assert parsed.dicom_seg is True and parsed.dicom_source == "/t/dicom"
     batch = logic.buildSegmentBatchCommand("/t/in", "/t/out", model, postprocess=False)
     assert batch[3] == "segment-batch" and build_parser().parse_args(batch[3:]).no_postprocessing is True
     env = logic.engineEnvironment()
@@ -384,16 +410,48 @@ def test_segment_command_line_follows_the_engine_contract(tmp_path):
 
 
 def test_dependency_install_never_replaces_shipped_packages(tmp_path):
-    from MAMLSegmentationLib import logic as lib
+    from MAMLSegmentationLib import install
 
-    constraints = lib.pipConstraints()
+    constraints = install.pipConstraints()
     for name in ("numpy", "SimpleITK", "torch"):
         assert f"{name}==" in constraints
-    calls = lib.pipInstallArguments(lib.PIP_REQUIREMENTS, tmp_path / "c.txt")
-    monai = [c for c in calls if c.startswith("monai")]
-    assert monai and all("--no-deps" in c for c in monai)
-    assert all(("--no-deps" in c) or (f"-c {tmp_path / 'c.txt'}" in c) for c in calls)
-    assert not any(n in c.split() for c in calls for n in ("torch", "numpy", "SimpleITK"))
+    folder = tmp_path / "C:\\Users\\Jane Doe\\AppData"  # a Windows-like path with a space and backslashes
+    arguments = install.pipInstallArguments(["itk-elastix>=0.20", "highdicom>=0.22"], folder / "c.txt")
+    assert arguments == ["itk-elastix>=0.20", "highdicom>=0.22", "-c", str(folder / "c.txt")]  # one list
+    assert install.pipInstallArguments([], folder / "c.txt") == []
+
+
+def test_dependency_check_is_version_aware():
+    from importlib import metadata
+
+    from MAMLSegmentationLib import install
+
+    numpy_version = metadata.version("numpy")
+    assert install.unmetRequirement("numpy>=1.0") is None
+    assert install.unmetRequirement("numpy>=999") == f"numpy {numpy_version} is installed, >=999 is needed"
+    assert install.unmetRequirement("maml-no-such-package>=1") == "maml-no-such-package is not installed"
+    # only what the options need: no monai, tqdm or matplotlib; highdicom with a DICOM SEG only
+    assert not any(name in " ".join(install.requiredPackages(True)) for name in ("monai", "tqdm", "matplotlib"))
+    assert "highdicom>=0.22" in install.requiredPackages(dicomSeg=True)
+    assert "highdicom>=0.22" not in install.requiredPackages(dicomSeg=False)
+    # a too old highdicom counts as missing, an installed new enough one does not
+    old = {"highdicom": "0.1.0"}
+    versions = lambda name: old.get(name) or metadata.version(name)  # noqa: E731
+    assert [text for text, _ in install.missingRequirements(True, versions)] == ["highdicom>=0.22"]
+    assert install.missingRequirements(True) == []  # this environment has them all
+
+
+def test_install_missing_passes_pip_install_one_list(tmp_path, monkeypatch):
+    from MAMLSegmentationLib import install
+
+    calls = []
+    monkeypatch.setattr(install, "DICOM_SEG_REQUIREMENTS", ("maml-no-such-package>=1",))
+    installed = install.installMissing(calls.append, tmp_path, dicomSeg=True)
+    assert installed == ["maml-no-such-package>=1"]
+    assert calls == [["maml-no-such-package>=1", "-c", str(tmp_path / "constraints.txt")]]
+    assert "numpy==" in (tmp_path / "constraints.txt").read_text()
+    calls.clear()
+    assert install.installMissing(calls.append, tmp_path, dicomSeg=False) == [] and calls == []
 
 
 # ---------------------------------------------------------------- saved scene -------------------
@@ -419,7 +477,7 @@ def test_results_survive_saving_and_reloading_the_scene_as_mrb(scene, tmp_path):
         segmentation = seg.GetSegmentation()
         tumor = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver tumor"))
         assert "SCT^108369006" in tumor.GetTerminology()
-        np.testing.assert_allclose(tumor.GetColor(), (144 / 255, 238 / 255, 144 / 255), atol=1e-6)
+        np.testing.assert_allclose(tumor.GetColor(), LIVER_LABELS[2].color, atol=1e-6)
         venous2 = loaded.GetFirstNodeByName("venous")
         arterial2 = loaded.GetFirstNodeByName("arterial")
         labelmap = loaded.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
@@ -430,7 +488,8 @@ def test_results_survive_saving_and_reloading_the_scene_as_mrb(scene, tmp_path):
                                       np.where(source >= 200, 2, np.where(source >= 100, 1, 0)))
         heat = loaded.GetFirstNodeByName("MAML attention arterial")
         assert heat.GetDisplayNode().GetColorNode().GetName() == "MAML attention (inferno)"
-        assert heat.GetDisplayNode().GetApplyThreshold() and heat.GetDisplayNode().GetWindow() == pytest.approx(1)
+        window = result.heatmapNodes["arterial"].GetDisplayNode().GetWindow()  # the engine's, inside the liver
+        assert heat.GetDisplayNode().GetApplyThreshold() and heat.GetDisplayNode().GetWindow() == pytest.approx(window)
         np.testing.assert_allclose(slicer.util.arrayFromVolume(heat),
                                    slicer.util.arrayFromVolume(result.heatmapNodes["arterial"]), atol=1e-6)
         transform = arterial2.GetParentTransformNode()
@@ -498,7 +557,7 @@ def test_model_label_names_and_colours_are_used_for_other_labels(scene):
     vessel = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("vessel"))
     liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Liver"))
     np.testing.assert_allclose(vessel.GetColor(), (0, 0, 1))
-    np.testing.assert_allclose(liver.GetColor(), (221 / 255, 130 / 255, 101 / 255), atol=1e-6)
+    np.testing.assert_allclose(liver.GetColor(), LIVER_LABELS[1].color, atol=1e-6)
     assert node_count(scene) > before and nodes.heatmaps == {} and nodes.transforms == {}
 
 
@@ -563,3 +622,13 @@ def test_sample_data_registers_the_bundled_phantom_offline_and_every_file_loads(
     center = (ijkToRASArray(venous) @ np.array([80, 80, 40, 1.0]))[:3]
     np.testing.assert_allclose(motion.GetTransformFromParent().TransformPoint(center),
                                F @ np.array(itk.TransformPoint(tuple(F @ center))), atol=1e-2)
+
+
+def test_one_colour_per_label_in_slicer_the_engine_and_the_overview():
+    from maml import overview
+    from MAMLSegmentationLib.results import DEFAULT_LABELS, STANDARD_SEGMENTS
+
+    engine = {label.name: tuple(label.color) for label in LIVER_LABELS}
+    assert STANDARD_SEGMENTS["liver"]["color"] == engine["liver"] == overview.LIVER_COLOR
+    assert STANDARD_SEGMENTS["tumor"]["color"] == engine["tumor"] == overview.TUMOR_COLOR
+    assert {d["name"]: tuple(d["color"]) for d in DEFAULT_LABELS} == {"liver": engine["liver"], "tumor": engine["tumor"]}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from maml.config import LIVER_LABELS
 from slicer_fixtures import make_volume_node, scene  # noqa: F401  (scene: pytest fixture)
 
 from MAMLSegmentationLib.rendering import (SliceViewRenderer, composeScreenshot, ctWindowLevel,
@@ -72,11 +73,13 @@ def test_slice_view_shows_ct_segment_fill_and_heatmap_in_their_colours(scene, tm
 
     plain = colour((32, 34, 4))            # CT only, between liver and hot spot
     np.testing.assert_allclose(plain, GREY, atol=6)
-    liver = colour((14, 16, 4))            # liver fill (221, 130, 101) over grey
+    liver_rgb, tumor_rgb = (255 * np.array(LIVER_LABELS[v].color) for v in (1, 2))  # the engine's colours
+    liver = colour((14, 16, 4))            # liver fill (219, 145, 102) over grey
     assert liver[0] > liver[1] + 15 > liver[2] + 15, liver
-    np.testing.assert_allclose(liver, 0.5 * GREY + 0.5 * np.array([221, 130, 101]), atol=12)
-    tumor = colour((32, 16, 4))            # tumor fill (144, 238, 144): green dominates
-    assert tumor[1] > tumor[0] + 30 and tumor[1] > tumor[2] + 30, tumor
+    np.testing.assert_allclose(liver, 0.5 * GREY + 0.5 * liver_rgb, atol=12)
+    tumor = colour((32, 16, 4))            # tumor fill (222, 77, 66): red dominates
+    assert tumor[0] > tumor[1] + 30 and tumor[0] > tumor[2] + 30, tumor
+    np.testing.assert_allclose(tumor, 0.5 * GREY + 0.5 * tumor_rgb, atol=12)
     hot = colour((32, 48, 4))              # inferno at 1 (252, 255, 164) at 0.4 over grey
     np.testing.assert_allclose(hot, 0.6 * GREY + 0.4 * np.array([252, 255, 164]), atol=12)
     cold = colour((10, 48, 4))             # heatmap 0 there: below its threshold, transparent
@@ -84,7 +87,7 @@ def test_slice_view_shows_ct_segment_fill_and_heatmap_in_their_colours(scene, tm
     # The liver outline is drawn at the edge in the liver colour, full opacity.
     row, column = pixel_of(view, (8, 16, 4))
     edge = picture[row - 3:row + 4, column - 3:column + 4].reshape(-1, 3)
-    assert any(abs(p[0] - 221) < 30 and abs(p[1] - 130) < 30 and abs(p[2] - 101) < 30 for p in edge)
+    assert any(np.abs(p - liver_rgb).max() < 30 for p in edge)
 
     # Two more views of the same scene side by side with the legend strip: the panels are kept as is.
     second = SliceViewRenderer(scene, None, 256, 256)
@@ -93,7 +96,7 @@ def test_slice_view_shows_ct_segment_fill_and_heatmap_in_their_colours(scene, tm
     plainView = second.render()
     np.testing.assert_allclose(plainView[pixel_of(second, (32, 48, 4))], GREY, atol=6)  # no heatmap, no seg
     colorNode = imported.heatmaps["venous"].GetDisplayNode().GetColorNode()
-    figure = composeScreenshot([rgb, plainView], {"Liver": (221 / 255, 130 / 255, 101 / 255)}, colorNode, "note")
+    figure = composeScreenshot([rgb, plainView], {"Liver": LIVER_LABELS[1].color}, colorNode, "note")
     assert figure.shape[1] == 256 * 2 + 4 and figure.shape[0] > 256
     np.testing.assert_array_equal(figure[:256, :256], rgb)
     np.testing.assert_array_equal(figure[:256, 260:], plainView)

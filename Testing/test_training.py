@@ -385,6 +385,20 @@ def test_cli_train_end_to_end(dataset, tmp_path):
                      "--config", "demo"]) == 1
 
 
+def test_cli_train_with_trilinear_final_upsampling(dataset, tmp_path):
+    """A new model trained with the stripe-free up-sampling keeps it in its checkpoint."""
+    out = tmp_path / "trilinear"
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(tiny_model_config().to_json())
+    code = cli_main(["train", "--dataset", str(dataset), "--out", str(out), "--config", str(config_file),
+                     "--epochs", "1", "--iterations", "1", "--val-cases", "1", "--device", "cpu",
+                     "--augmentation", "none", "--no-progress", "--final-upsampling", "trilinear"])
+    assert code == 0
+    model = load_model(out / "checkpoint_best.pt")
+    assert model.config.network.final_upsampling == "trilinear"
+    assert any(isinstance(m, torch.nn.Upsample) for m in model.network.modules())
+
+
 # --------------------------------------------------------------------------------------------------
 # Distributed (two CPU processes, gloo)
 # --------------------------------------------------------------------------------------------------

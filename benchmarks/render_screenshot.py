@@ -74,14 +74,17 @@ def main(argv=None) -> int:
 
     for node in (arterial, venous):
         ctWindowLevel(node)
-    # Attention display window: its spread inside the segmented liver (p5..p99.5); lower values
-    # are transparent, so the map highlights where one phase dominates.
+    # Attention display window: the engine's, inside the liver (stats.json attention_window, as the
+    # module shows it; computed the same way for an older output); lower values are transparent.
     liverMask = exportedLiverMask(segmentation, venous)
     windows = {}
     for phase, heat in heatmaps.items():
-        values = slicer.util.arrayFromVolume(heat)[liverMask] if liverMask.any() else slicer.util.arrayFromVolume(heat)
-        low, high = (float(v) for v in np.percentile(values, [5, 99.5]))
-        high = max(high, low + 1e-3)
+        window = (stats.get("attention_window") or {}).get(phase)
+        if window is None:
+            from maml.attention import display_window
+
+            window = display_window(slicer.util.arrayFromVolume(heat), liverMask)
+        low, high = (float(v) for v in window)
         display = heat.GetDisplayNode()
         display.SetWindowLevelMinMax(low, high)
         display.SetLowerThreshold(low)
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
             t = tumors[0]
             footer = (f"{stats['tumor_count']} tumor(s); largest {t['volume_ml']:.1f} mL, "
                       f"{t.get('axial_diameter_mm', t['diameter_mm']):.0f} mm axial")
+            enhancement = enhancementText(t)
+            if enhancement:
+                view.addText(enhancement, 10, 30, size=13, top=False)
         elif heatmap is not None:
             low, high = windows[heatmapPhase]
             footer = (f"MA attention A_{heatmapPhase}: {low:.2f} (transparent) to {high:.2f}, "
@@ -136,6 +142,17 @@ def main(argv=None) -> int:
     print(f"wrote {args.out} ({picture.shape[1]}x{picture.shape[0]})")
     scene.Clear(True)
     return 0
+
+
+def enhancementText(tumor: dict) -> str:
+    """The tumor table's enhancement columns of one tumor, on one line."""
+    e = tumor.get("enhancement")
+    if not e:
+        return ""
+    contrast = ", ".join(f"{phase[:3]} {value:+.0f}" for phase, value in e["contrast_hu"].items() if value is not None)
+    flags = ", ".join(f"{name} {'yes' if e[key] else 'no'}" for name, key in
+                      (("APHE", "aphe"), ("washout", "washout"), ("capsule", "capsule")) if e[key] is not None)
+    return f"vs liver (HU): {contrast}; {flags}"
 
 
 def exportedLiverMask(segmentationNode, referenceNode) -> np.ndarray:

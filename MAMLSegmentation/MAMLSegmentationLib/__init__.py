@@ -7,8 +7,8 @@ from .conversion import (checkVolume3D, ijkToRASFromImage, imageFromVolumeNode, 
                          addVolumeNodeFromImage)
 from .errors import CancelledError, MAMLSegmentationError, OutOfDistributionRefusal
 from .logic import (DEVICES, PHASES, REGISTRATION_PRESETS, MAMLSegmentationLogic, SegmentationResult,
-                    SegmentationRun, bundledModels, missingPipRequirements, pipConstraints, pipInstallArguments,
-                    sampleDataFiles, sampleDataSources)
+                    SegmentationRun, bundledModels, sampleDataFiles, sampleDataSources)
+from .install import missingRequirements, pipConstraints, pipInstallArguments, requiredPackages
 from .models import ModelCatalog, ModelCommandRun, cardDetails, cardSummary, modelPhases
 from .process import EngineProcess, ProgressEvent, parseProgressLine
 from .results import STANDARD_SEGMENTS, importEngineOutput, readEngineOutput
@@ -19,6 +19,7 @@ __all__ = [
     "ModelCatalog", "ModelCommandRun", "cardDetails", "cardSummary", "modelPhases",
     "ProgressEvent", "REGISTRATION_PRESETS", "STANDARD_SEGMENTS", "SegmentationResult", "SegmentationRun",
     "addVolumeNodeFromImage", "bundledModels", "checkVolume3D", "ijkToRASFromImage", "imageFromVolumeNode",
-    "importEngineOutput", "missingPipRequirements", "parseProgressLine", "pipConstraints", "pipInstallArguments",
+    "importEngineOutput", "missingRequirements", "parseProgressLine", "pipConstraints", "pipInstallArguments",
+    "requiredPackages",
     "readEngineOutput", "sampleDataFiles", "sampleDataSources", "updateVolumeNodeFromImage",
 ]

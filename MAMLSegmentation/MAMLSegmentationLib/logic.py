@@ -23,12 +23,12 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from .conversion import checkVolume3D, imageFromVolumeNode
+from .dicomsource import copyDicomSource, dicomSourceFiles
 from .errors import CancelledError, MAMLSegmentationError, OutOfDistributionRefusal
 from .models import ModelCatalog, ModelCommandRun
 from .process import EXIT_REFUSED, EngineProcess, ProgressEvent
@@ -47,51 +47,8 @@ DEFAULT_MODEL_NAME = "maml_liver_demo.pt"  # maml.pipeline.DEFAULT_MODEL_NAME
 
 # pip requirements of the engine beyond what Slicer ships (numpy, SimpleITK) and PyTorch (from the
 # PyTorch extension). "no_deps": installed with --no-deps because its dependencies would replace torch.
-PIP_REQUIREMENTS = [
-    {"requirement": "monai>=1.3", "distribution": "monai", "no_deps": True},
-    {"requirement": "itk-elastix>=0.20", "distribution": "itk-elastix", "no_deps": False},
-    {"requirement": "tqdm>=4.60", "distribution": "tqdm", "no_deps": False},
-    {"requirement": "matplotlib>=3.7", "distribution": "matplotlib", "no_deps": False},
-]
-# What pip must never replace: pinned to the installed versions with a constraints file.
-PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch")
-
 _MODEL_INFO_CACHE: dict = {}  # (resolved path, mtime) -> maml info JSON
 _PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-
-def missingPipRequirements() -> list:
-    """Entries of PIP_REQUIREMENTS whose distribution is not installed."""
-    missing = []
-    for entry in PIP_REQUIREMENTS:
-        try:
-            metadata.version(entry["distribution"])
-        except metadata.PackageNotFoundError:
-            missing.append(entry)
-    return missing
-
-
-def pipConstraints() -> str:
-    """A pip constraints file's text pinning the protected packages to their installed versions."""
-    lines = []
-    for name in PROTECTED_DISTRIBUTIONS:
-        try:
-            lines.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pass
-    return "\n".join(lines) + "\n"
-
-
-def pipInstallArguments(entries: list, constraintsFile) -> list:
-    """Argument strings for ``slicer.util.pip_install``, one call each (no_deps ones separate)."""
-    calls = []
-    plain = [e["requirement"] for e in entries if not e["no_deps"]]
-    if plain:
-        calls.append(" ".join([*plain, "-c", str(constraintsFile)]))
-    for entry in entries:
-        if entry["no_deps"]:
-            calls.append(f"{entry['requirement']} --no-deps")
-    return calls
 
 
 def bundledModels() -> list:
@@ -291,16 +248,20 @@ class MAMLSegmentationLogic:
     ``popen``: how processes are started.
     ``modelsDir``: the user models folder (default ``$MAML_MODELS``, else under Slicer's settings
     folder); ``models`` (a ``ModelCatalog``) lists it with the bundled model.
+    ``dicomFileForInstance``: SOP Instance UID -> file, for a DICOM SEG (default: Slicer's DICOM
+    database).
     """
 
     def __init__(self, pythonExecutable: str | None = None, engineCommand: list | None = None,
-                 popen=subprocess.Popen, scene=None, defaultModel=None, modelsDir=None):
+                 popen=subprocess.Popen, scene=None, defaultModel=None, modelsDir=None,
+                 dicomFileForInstance=None):
         self.pythonExecutable = pythonExecutable or defaultPythonExecutable()
         self.engineCommand = list(engineCommand) if engineCommand else None
         self.popen = popen
         self.scene = scene
         self.defaultModel = defaultModel
         self.models = ModelCatalog(modelsDir)
+        self.dicomFileForInstance = dicomFileForInstance
 
     # --- the engine's command line -------------------------------------------------------------
     def engineCommandPrefix(self) -> list:
@@ -316,13 +277,15 @@ class MAMLSegmentationLogic:
 
     def buildSegmentCommand(self, phasePaths: dict, outputDir, model=None, registration="deformable",
                             referencePhase=None, device="auto", postprocess=True,
-                            acceptOutOfDistribution=False) -> list:
+                            acceptOutOfDistribution=False, dicomSource=None) -> list:
         command = [*self.engineCommandPrefix(), "segment"]
         for phase, path in phasePaths.items():
             command += ["--phase", f"{phase}={path}"]
         command += ["--out", str(outputDir), "--register", registration, "--device", device]
         if referencePhase:
             command += ["--reference", referencePhase]
+        if dicomSource:
+            command += ["--dicom-seg", "--dicom-source", str(dicomSource)]
         return command + self._commonRunOptions(model, postprocess, acceptOutOfDistribution)
 
     def buildSegmentBatchCommand(self, inputDir, outputDir, model=None, registration="deformable",
@@ -338,7 +301,8 @@ class MAMLSegmentationLogic:
             options.append("--no-postprocessing")
         if acceptOutOfDistribution:
             options.append("--accept-out-of-distribution")
-        return options + ["--json-progress"]
+        # No overview.png: Slicer shows the results itself (and needs no matplotlib for it).
+        return options + ["--no-overview", "--json-progress"]
 
     def modelInfo(self, model=None, timeout: float = 120) -> dict:
         """The model's card (phases, labels, intended use, training): what ``maml info --json`` prints.
@@ -474,14 +438,23 @@ class MAMLSegmentationLogic:
             raise MAMLSegmentationError(f"The output '{outputSegmentation.GetName()}' is not a segmentation node.")
         return phases, referencePhase
 
+    def _dicomSegSource(self, dicomSeg: bool, referenceNode, outputDirectory) -> list:
+        if not dicomSeg:
+            return []
+        if outputDirectory is None:
+            raise MAMLSegmentationError(
+                "dicomSeg=True needs outputDirectory= (the folder that keeps segmentation.dcm).")
+        return dicomSourceFiles(referenceNode, self.dicomFileForInstance)
+
     # --- running --------------------------------------------------------------------------------
     def startSegmentation(self, phaseNodes: dict, outputSegmentation=None, model=None,
                           registration="deformable", device="auto", referencePhase=None,
                           outputDirectory=None, postprocess=True,
-                          acceptOutOfDistribution=False) -> SegmentationRun:
+                          acceptOutOfDistribution=False, dicomSeg=False) -> SegmentationRun:
         """Check inputs, write them to a temporary folder and start the engine; returns at once."""
         phases, referencePhase = self.checkInputs(phaseNodes, registration, device, referencePhase,
                                                   outputSegmentation)
+        dicomFiles = self._dicomSegSource(dicomSeg, phases[referencePhase], outputDirectory)
         model = self.resolveModel(model)
         scene = next(iter(phases.values())).GetScene()
         tempDir = Path(tempfile.mkdtemp(prefix="MAMLSegmentation-"))
@@ -495,8 +468,10 @@ class MAMLSegmentationLogic:
                 phasePaths[phase] = path
             keep = outputDirectory is not None
             outputDir = Path(outputDirectory) if keep else tempDir / "output"
+            dicomSource = copyDicomSource(dicomFiles, tempDir / "dicom_source") if dicomFiles else None
             command = self.buildSegmentCommand(phasePaths, outputDir, model, registration, referencePhase,
-                                               device, postprocess, acceptOutOfDistribution)
+                                               device, postprocess, acceptOutOfDistribution,
+                                               dicomSource)
             process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -506,16 +481,20 @@ class MAMLSegmentationLogic:
 
     def segment(self, phaseNodes: dict, outputSegmentation=None, model=None, registration="deformable",
                 device="auto", waitForCompletion=True, referencePhase=None, outputDirectory=None,
-                progressCallback=None, postprocess=True, acceptOutOfDistribution=False):
+                progressCallback=None, postprocess=True, acceptOutOfDistribution=False,
+                dicomSeg=False):
         """Segment; blocking by default (returns a SegmentationResult), else a SegmentationRun.
 
         ``postprocess=False`` keeps the network's raw labels (skips the model's post-processing).
         An image unlike the model's training data raises ``OutOfDistributionRefusal`` with the
         engine's sentence and leaves the scene unchanged, unless ``acceptOutOfDistribution``: then
-        the result comes with ``stats["domain_check"]["status"] == "warning"``."""
+        the result comes with ``stats["domain_check"]["status"] == "warning"``.
+        ``dicomSeg=True`` also writes ``segmentation.dcm`` (a DICOM SEG referencing the reference
+        phase's DICOM series) into ``outputDirectory``, which it needs; the reference phase must have
+        been loaded from DICOM."""
         run = self.startSegmentation(phaseNodes, outputSegmentation, model, registration, device,
                                      referencePhase, outputDirectory, postprocess,
-                                     acceptOutOfDistribution)
+                                     acceptOutOfDistribution, dicomSeg)
         if not waitForCompletion:
             return run
         return run.wait(progressCallback=progressCallback or _printProgress)

@@ -20,19 +20,20 @@ import slicer
 from .conversion import LPS_FROM_RAS, addVolumeNodeFromImage, ijkToRASFromImage, orientedImageDataFromArray
 from .errors import MAMLSegmentationError
 
-# Standard terminology (DICOM / SNOMED CT codes as in Slicer's terminology lists) and colours
-# (Slicer's GenericAnatomyColors: "liver" 221,130,101 and "mass" 144,238,144) of the two segments.
+# Standard terminology (DICOM / SNOMED CT codes as in Slicer's terminology lists) of the two segments
+# and one colour per label everywhere: the engine's (maml.config.LIVER_LABELS: its overview picture
+# and DICOM SEG use the same), so a tumor is the same red in Slicer, the overview and PACS.
 _CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _ANATOMY = "Anatomic codes - DICOM master list"
 STANDARD_SEGMENTS = {
     "liver": {
         "name": "Liver",
-        "color": (221 / 255, 130 / 255, 101 / 255),
+        "color": (0.86, 0.57, 0.40),
         "terminology": f"{_CONTEXT}~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~{_ANATOMY}~^^~^^",
     },
     "tumor": {
         "name": "Liver tumor",
-        "color": (144 / 255, 238 / 255, 144 / 255),
+        "color": (0.87, 0.30, 0.26),
         "terminology": (
             f"{_CONTEXT}~SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^"
             f"~{_ANATOMY}~SCT^10200004^Liver~^^"
@@ -253,7 +254,9 @@ def _importHeatmaps(scene, imported, output, baseName):
         return
     colorNode = _heatmapColors(scene, imported)
     for phase, image in output.attention.items():
-        node = _addMapVolume(scene, imported, image, f"{baseName} attention {phase}", colorNode)
+        # The engine's window inside the liver (where the reader looks), else the whole 0..1.
+        window = ((output.stats or {}).get("attention_window") or {}).get(phase, (0.0, 1.0))
+        node = _addMapVolume(scene, imported, image, f"{baseName} attention {phase}", colorNode, window)
         node.SetAttribute("MAMLSegmentation.phase", phase)
         imported.heatmaps[phase] = node
 
@@ -276,14 +279,14 @@ def _heatmapColors(scene, imported):
     return colorNode
 
 
-def _addMapVolume(scene, imported, image, name, colorNode):
-    """A 0..1 map as a volume node shown in the heatmap colours, transparent near 0."""
+def _addMapVolume(scene, imported, image, name, colorNode, window=(0.0, 1.0)):
+    """A 0..1 map as a volume node shown in the heatmap colours over ``window``, transparent near 0."""
     node = addVolumeNodeFromImage(scene, image, name)
     imported.addedNodes.append(node)
     display = node.GetDisplayNode()
     display.SetAndObserveColorNodeID(colorNode.GetID())
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetWindowLevelMinMax(float(window[0]), float(window[1]))
     display.SetApplyThreshold(True)
     display.SetLowerThreshold(HEATMAP_LOWER_THRESHOLD)
     display.SetUpperThreshold(1.0e6)
@@ -358,17 +361,64 @@ def _importTables(scene, imported, stats, baseName):
 
     tumors = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{baseName} tumors")
     imported.addedNodes.append(tumors)
+    tumorList = stats.get("tumors", [])
+    enhancementColumns, enhancementCells = _enhancementColumns(tumorList)
     tumorRows = []
-    for tumor in stats.get("tumors", []):
+    for tumor, cells in zip(tumorList, enhancementCells):
         r, a, s = _lpsToRas(tumor.get("centroid_lps", (float("nan"),) * 3))
         tumorRows.append((int(tumor.get("id", len(tumorRows) + 1)), float(tumor.get("volume_ml", float("nan"))),
                           float(tumor.get("diameter_mm", float("nan"))),
                           float(tumor.get("axial_diameter_mm", float("nan"))), r, a, s,
-                          float(tumor.get("mean_uncertainty", float("nan")))))
+                          float(tumor.get("mean_uncertainty", float("nan"))), *cells))
     _setTable(tumors, [("Tumor", vtk.vtkIntArray, ""), ("Volume", vtk.vtkDoubleArray, "mL"),
                        ("Largest diameter", vtk.vtkDoubleArray, "mm"),
                        ("Largest axial diameter", vtk.vtkDoubleArray, "mm"), ("Centroid R", vtk.vtkDoubleArray, "mm"),
                        ("Centroid A", vtk.vtkDoubleArray, "mm"), ("Centroid S", vtk.vtkDoubleArray, "mm"),
-                       ("Mean uncertainty", vtk.vtkDoubleArray, "0-1")],
+                       ("Mean uncertainty", vtk.vtkDoubleArray, "0-1"), *enhancementColumns],
               tumorRows)
+    if enhancementColumns:
+        tumors.SetAttribute("MAMLSegmentation.enhancementNote", ENHANCEMENT_TABLE_NOTE)
     imported.tumorTable = tumors
+
+
+ENHANCEMENT_TABLE_NOTE = ("Enhancement columns: median HU of the tumor and of the liver within 5 mm of it per "
+                          "phase, their difference, and the engine's APHE / washout / capsule flags: "
+                          "research features, not a LI-RADS category.")
+
+
+def _enhancementColumns(tumors: list) -> tuple:
+    """Columns (name, vtkArrayClass, unit) and one list of cells per tumor for the engine's
+    per-phase enhancement (stats.json tumors[i].enhancement); none when the engine gave none."""
+    import vtk
+
+    phases = []
+    for tumor in tumors:
+        for phase in (tumor.get("enhancement") or {}).get("tumor_median_hu", {}):
+            if phase not in phases:
+                phases.append(phase)
+    if not phases:
+        return [], [[] for _ in tumors]
+    columns = []
+    for phase in phases:
+        title = phase.capitalize()
+        columns += [(f"{title} tumor", vtk.vtkDoubleArray, "HU"), (f"{title} liver", vtk.vtkDoubleArray, "HU"),
+                    (f"{title} contrast", vtk.vtkDoubleArray, "HU")]
+    columns += [("APHE", vtk.vtkStringArray, ""), ("Washout", vtk.vtkStringArray, ""),
+                ("Capsule", vtk.vtkStringArray, "")]
+
+    def number(value):
+        return float("nan") if value is None else float(value)
+
+    def flag(value):
+        return "n/a" if value is None else "yes" if value else "no"
+
+    cells = []
+    for tumor in tumors:
+        e = tumor.get("enhancement") or {}
+        row = []
+        for phase in phases:
+            row += [number(e.get(key, {}).get(phase))
+                    for key in ("tumor_median_hu", "liver_median_hu", "contrast_hu")]
+        row += [flag(e.get(key)) for key in ("aphe", "washout", "capsule")]
+        cells.append(row)
+    return columns, cells

@@ -38,6 +38,9 @@ class Label:
     color: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
+FINAL_UPSAMPLING = ("transpose", "trilinear")
+
+
 @dataclass
 class NetworkConfig:
     """Topology of each phase's nnU-Net v2 PlainConvUNet and of the MA fusion.
@@ -58,6 +61,10 @@ class NetworkConfig:
     conv_bias: bool = True  # nnU-Net v2 plans use biased convolutions
     deep_supervision: bool = True
     ma_variant: str = "paper"
+    # The decoder's last up-sampling: "transpose" (nnU-Net's transposed convolution, kernel = stride)
+    # or "trilinear" (trilinear up-sampling + a convolution: no period-stride pattern in the features
+    # and so in the attention maps). New models only: a checkpoint keeps the layers it was trained with.
+    final_upsampling: str = "transpose"
 
     @property
     def n_stages(self) -> int:
@@ -94,6 +101,9 @@ class NetworkConfig:
             )
         if self.base_features < 1:
             raise ModelError("network config: base_features must be positive")
+        if self.final_upsampling not in FINAL_UPSAMPLING:
+            raise ModelError(f"network config: final_upsampling {self.final_upsampling!r} is not one of "
+                             f"{FINAL_UPSAMPLING}")
         self.convs_per_stage()
         self.convs_per_decoder_stage()
 

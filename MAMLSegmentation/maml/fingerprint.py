@@ -57,7 +57,7 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
     import SimpleITK as sitk
 
     from .data import load_case_images
-    from .inference import SlidingWindowOptions, window_bottleneck_features
+    from .inference import SlidingWindowOptions, window_alignment, window_bottleneck_features
     from .preprocessing import preprocess_phases
 
     config = model.config
@@ -81,7 +81,8 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
     case_input = preprocess_phases(images, config)
     features, body_fraction = window_bottleneck_features(
         model.network, case_input.data, case_input.phases,
-        SlidingWindowOptions(config.patch_size, device=device), body=case_input.body)
+        SlidingWindowOptions(config.patch_size, device=device, align=window_alignment(config)),
+        body=case_input.body)
     return {
         "case": case,
         "geometry": _raw_geometries(dataset, case),

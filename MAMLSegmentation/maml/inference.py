@@ -41,6 +41,8 @@ class SlidingWindowOptions:
     device: str = "auto"
     mirror_axes: Sequence[int] = (0, 1, 2)  # array axes (z, y, x) that mirroring flips
     blend: str = "probabilities"  # or "logits": averaged, softmax once at the end (nnU-Net)
+    # Window starts on multiples of this (z, y, x): the network's total stride (predict_case sets it).
+    align: Sequence[int] = (1, 1, 1)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -79,22 +81,36 @@ def gaussian_importance(patch_size: Sequence[int], sigma_scale: float) -> torch.
     return nnunet_gaussian(patch_size, sigma_scale).float() / 10
 
 
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Evenly spaced starts covering [0, size) with at most (1 - overlap) * patch between them."""
+def window_starts(size: int, patch: int, overlap: float, align: int = 1) -> list[int]:
+    """Evenly spaced starts covering [0, size) with at most (1 - overlap) * patch between them
+    (rounded up to a multiple of ``align``).
+
+    ``align``: starts are multiples of it (the network's total stride), so every window sees the
+    volume on the same phase of its up-sampling grid and a window's periodic up-sampling pattern
+    does not flip sign from window to window. The last window stays flush with the end; it is a
+    multiple too when ``size - patch`` is (:func:`sliding_window_predict` pads the volume so)."""
     if size <= patch:
         return [0]
     step = patch * (1 - overlap)
     count = math.ceil((size - patch) / step) + 1
-    return [round(i * (size - patch) / (count - 1)) for i in range(count)]
+    align = max(int(align), 1)
+    units = (size - patch) // align
+    starts = [align * round(i * units / (count - 1)) for i in range(count)]
+    if starts[-1] != size - patch:  # not a multiple: the last window flush with the end anyway
+        starts.append(size - patch)
+    return sorted(set(starts))
 
 
-def _pad_to_patch(data: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
-    """Pads (P, z, y, x) symmetrically with zeros (the normalised mean) up to the patch size."""
+def _pad_to_patch(data: torch.Tensor, patch: Sequence[int], align: Sequence[int] = (1, 1, 1)
+                  ) -> tuple[torch.Tensor, list[slice]]:
+    """Pads (P, z, y, x) with zeros (the normalised mean) up to the patch size (symmetrically), and
+    at the end so that size - patch is a multiple of ``align`` (every window start aligned)."""
     pads, crop = [], []
-    for size, p in zip(data.shape[1:], patch):
+    for size, p, a in zip(data.shape[1:], patch, align):
         total = max(p - size, 0)
         before = total // 2
-        pads.append((before, total - before))
+        after = total - before + (-(size + total - p)) % max(int(a), 1)
+        pads.append((before, after))
         crop.append(slice(before, before + size))
     flat = [v for pair in reversed(pads) for v in pair]
     return (F.pad(data, flat) if any(flat) else data), crop
@@ -179,13 +195,16 @@ def sliding_window_predict(
     if volume.ndim != 4:
         raise InputError(f"inference input must be (phases, z, y, x), got shape {tuple(volume.shape)}")
     patch = [int(p) for p in options.patch_size]
-    volume, crop = _pad_to_patch(volume, patch)
+    align = [int(a) for a in options.align]
+    volume, crop = _pad_to_patch(volume, patch, align)
     body_mask = None
     if body is not None:
-        body_mask, _ = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch)
+        body_mask, _ = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch,
+                                     align)
         body_mask = body_mask[0]
     shape = volume.shape[1:]
-    starts = list(itertools.product(*(window_starts(s, p, options.overlap) for s, p in zip(shape, patch))))
+    starts = list(itertools.product(*(window_starts(s, p, options.overlap, a)
+                                      for s, p, a in zip(shape, patch, align))))
 
     net = net.to(device)
     weight = gaussian_importance(patch, options.sigma_scale).to(device)
@@ -280,12 +299,15 @@ def window_bottleneck_features(net: MAMLNet, data: np.ndarray, phases: Sequence[
         return windowed.window_features, windowed.window_body_fraction
     device = resolve_device(options.device)
     patch = [int(p) for p in options.patch_size]
-    volume, _ = _pad_to_patch(torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float32), patch)
+    align = [int(a) for a in options.align]
+    volume, _ = _pad_to_patch(torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float32), patch,
+                              align)
     body_mask = None
     if body is not None:
-        body_mask = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch)[0][0]
-    starts = list(itertools.product(*(window_starts(s, p, options.overlap)
-                                      for s, p in zip(volume.shape[1:], patch))))
+        body_mask = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch,
+                                  align)[0][0]
+    starts = list(itertools.product(*(window_starts(s, p, options.overlap, a)
+                                      for s, p, a in zip(volume.shape[1:], patch, align))))
     present = net.present_phases(phases)
     features, fractions = [], []
     net = net.to(device)
@@ -356,7 +378,8 @@ def predict_case(
     options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=device,
                                    batch_size=batch_size,
                                    mirror_axes=model.config.inference.mirror_axes,
-                                   blend=model.config.inference.blend)
+                                   blend=model.config.inference.blend,
+                                   align=window_alignment(model.config))
     windowed = sliding_window_predict(model.network, case.data, case.phases, options, progress,
                                       cancel, body=case.body)
     uncertainty = map_to_input_geometry(
@@ -376,7 +399,8 @@ def predict_case(
     attention = {}
     if windowed.heatmaps is not None:
         for index, phase in enumerate(case.phases):
-            attention[phase] = map_to_input_geometry(windowed.heatmaps[index], case)
+            attention[phase] = map_to_input_geometry(
+                _antialiased(windowed.heatmaps[index], case, model.config), case)
     if len(case.phases) == len(model.config.phases) > 1:
         head = "fused"
     elif len(case.phases) == 1:
@@ -386,3 +410,22 @@ def predict_case(
     return CasePrediction(labels, attention, probabilities if keep_probabilities else None,
                           case.phases, head, uncertainty, windowed.window_features,
                           windowed.window_body_fraction)
+
+
+def window_alignment(config) -> tuple[int, int, int]:
+    """Window starts on the network's total stride grid (so the upsampling's period-2 pattern is the
+    same in every window and the attention maps show no stripes); imported nnU-Net models place
+    their windows exactly as nnU-Net does."""
+    if not config.inference.is_default:
+        return (1, 1, 1)
+    return tuple(config.network.total_downsampling())
+
+
+def _antialiased(heatmap: np.ndarray, case, config) -> np.ndarray:
+    """The heatmap low-passed for resampling to the image grid (maml.attention.antialias): the
+    period of the last transposed convolution removed (none with trilinear up-sampling)."""
+    from .attention import antialias
+
+    network = config.network
+    stride = (1, 1, 1) if network.final_upsampling == "trilinear" else network.strides[1]
+    return antialias(heatmap, case.model_geometry.spacing_zyx, case.input_geometry.spacing_zyx, stride)

@@ -37,12 +37,14 @@ __all__ = [
     "SERIES_SEPARATOR",
     "read_image",
     "list_dicom_series",
+    "dicom_files",
     "write_image",
     "write_json",
     "atomic_output_dir",
 ]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_FILES_KEY = "maml_dicom_source_files"
 # "DIR::SERIESUID" picks one series of a DICOM folder holding several.
 SERIES_SEPARATOR = "::"
 
@@ -264,10 +266,21 @@ def _read_dicom_series(folder: Path, label: str, series_uid: str | None) -> sitk
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        image = reader.Execute()
+        # The source slices, for outputs that reference them (a DICOM SEG): see dicom_files().
+        image.SetMetaData(DICOM_FILES_KEY, "\n".join(os.path.abspath(f) for f in files))
+        return image
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "read error"
         raise InputError(f"{label}: DICOM series {chosen['uid']} cannot be read ({_short(detail)})") from None
+
+
+def dicom_files(image: sitk.Image) -> list[str]:
+    """The DICOM files (in slice order) ``image`` was read from by :func:`read_image`; ``[]`` for an
+    image read from a file or computed."""
+    if not image.HasMetaDataKey(DICOM_FILES_KEY):
+        return []
+    return image.GetMetaData(DICOM_FILES_KEY).split("\n")
 
 
 def _check_slice_spacing(files: list[str], label: str) -> None:

@@ -77,8 +77,11 @@ class Decoder(nn.Module):
         for s in range(1, net.n_stages):
             below, skip = features[-s], features[-(s + 1)]
             stride = net.strides[-s]
-            transpconvs.append(nn.ConvTranspose3d(below, skip, tuple(stride), tuple(stride),
-                                                  bias=net.conv_bias))
+            if s == net.n_stages - 1 and net.final_upsampling == "trilinear":
+                transpconvs.append(_trilinear_upsampling(below, skip, stride, net))
+            else:
+                transpconvs.append(nn.ConvTranspose3d(below, skip, tuple(stride), tuple(stride),
+                                                      bias=net.conv_bias))
             stages.append(StackedConvs(net.convs_per_decoder_stage()[s - 1], 2 * skip, skip,
                                        net.kernel_sizes[-(s + 1)], (1, 1, 1), net.conv_bias))
             seg_layers.append(nn.Conv3d(skip, num_classes, 1, 1, 0, bias=True))
@@ -97,6 +100,15 @@ class Decoder(nn.Module):
             if deep_supervision or s == last:
                 logits.append(self.seg_layers[s](x))
         return x, logits[::-1]
+
+
+def _trilinear_upsampling(below: int, skip: int, stride, net: NetworkConfig) -> nn.Module:
+    """Trilinear up-sampling then a convolution, in place of a transposed convolution whose kernel =
+    stride leaves a period-stride pattern in the features (and so in the attention maps)."""
+    kernel = tuple(net.kernel_sizes[0])
+    return nn.Sequential(
+        nn.Upsample(scale_factor=tuple(float(v) for v in stride), mode="trilinear", align_corners=False),
+        nn.Conv3d(below, skip, kernel, 1, tuple(k // 2 for k in kernel), bias=net.conv_bias))
 
 
 class PhaseUNet(nn.Module):

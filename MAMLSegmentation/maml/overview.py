@@ -6,15 +6,18 @@ tumor, the volume's middle when there is no liver either). One row per phase; co
 1. the CT slice in a soft-tissue window (W400 L50; a 1-99 % percentile window for an image that is
    not in Hounsfield units), with orientation letters and a scale bar;
 2. the same slice with the liver outline (liver including tumors) and the tumor outlines;
-3. that phase's MA attention map (0..1, ``inferno``) over the CT, with a colour bar and the tumor
-   outline dashed for reference. Left out when there are no attention maps (a single phase).
+3. that phase's MA attention map (``inferno``) over the CT, with a colour bar and the tumor
+   outline dashed for reference; the colour map spans the 2-98th percentiles of the attention inside
+   the liver (stats.json ``attention_window``), where the reader looks. Left out when there are no attention maps (a single phase).
 
 Display follows the radiological convention: every image is first reoriented with
 ``sitk.DICOMOrient(image, "LPS")`` (a permutation/flip of axes, no resampling), so array columns run
 towards the patient's left and rows towards posterior; shown as-is, the patient's right is on the
 screen's left and anterior is up. Pixels are drawn at their physical size (in-plane spacing
 respected). A footer gives the tumor count, the largest tumor's volume and diameters, the total tumor
-and liver volumes, the tumor burden, and "Research use only - not for clinical use".
+and liver volumes, the tumor burden, one line per tumor (up to three, largest first) with its
+contrast to the surrounding liver in each phase and its enhancement flags (research features, see
+``maml.stats.tumor_enhancement``), and "Research use only - not for clinical use".
 
 Drawing uses a bare :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot, no GUI
 backend: safe inside Slicer), and the file is written atomically.
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .config import LIVER_LABELS
 from .errors import InputError
 from .io import write_bytes_atomic
 from .stats import compute_statistics, label_name_map
@@ -40,8 +44,9 @@ DPI = 150
 WINDOW_HU = (400.0, 50.0)  # width, level: abdominal soft tissue
 ATTENTION_CMAP = "inferno"
 ATTENTION_ALPHA = 0.6
-LIVER_COLOR = "#56B4E9"  # Okabe-Ito sky blue
-TUMOR_COLOR = "#F0E442"  # Okabe-Ito yellow: distinct from the blue and from inferno's reds
+# One colour per label everywhere: the labels' colours (maml.config.LIVER_LABELS), as in Slicer.
+LIVER_COLOR = tuple(LIVER_LABELS[1].color)
+TUMOR_COLOR = tuple(LIVER_LABELS[2].color)
 MARGIN_MM = 25.0
 MIN_FIELD_MM = 80.0
 DISCLAIMER = "Research use only - not for clinical use"
@@ -53,6 +58,7 @@ _COLORBAR_W = 0.75
 _TITLE_H = 0.6
 _HEADER_H = 0.3
 _FOOTER_H = 0.85
+_LINE_H = 0.2  # inches per footer line
 _GAP = 0.06
 
 
@@ -137,6 +143,19 @@ def _window(ct: np.ndarray, volume: np.ndarray) -> tuple[float, float, str]:
     return float(lo), float(hi), "1-99 % window"
 
 
+def _attention_window(stats: dict, phase: str, attention_lps: sitk.Image, labels_array, liver: int,
+                      tumor: int) -> tuple[float, float]:
+    """The colour map's range: the engine's window inside the liver (stats.json attention_window),
+    else computed the same way (maml.attention.display_window) from the labels."""
+    from .attention import display_window
+
+    window = (stats.get("attention_window") or {}).get(phase)
+    if window is not None:
+        return float(window[0]), float(window[1])
+    organ = (np.asarray(labels_array) == liver) | (np.asarray(labels_array) == tumor)
+    return display_window(sitk.GetArrayViewFromImage(attention_lps), organ)
+
+
 def _fmt_ml(v) -> str:
     if v is None:
         return "n/a"
@@ -163,7 +182,30 @@ def _footer_lines(stats: dict, names: dict, liver: int, tumor: int) -> list[str]
         f"{names.get(liver, 'liver').capitalize()} volume (incl. {tumor_name}s) {_fmt_ml(liver_ml)}"
         f" | {tumor_name.capitalize()} burden ({tumor_name} / liver volume) {burden_text}"
     )
-    return [line1, line2]
+    return [line1, line2] + _enhancement_lines(tumors[:MAX_ENHANCEMENT_LINES], tumor_name)
+
+
+MAX_ENHANCEMENT_LINES = 3
+
+
+def _yes_no(flag) -> str:
+    return "n/a" if flag is None else "yes" if flag else "no"
+
+
+def _enhancement_lines(tumors: list, tumor_name: str) -> list[str]:
+    """One line per tumor (largest first): its contrast to the surrounding liver per phase and the
+    research flags (stats.tumor_enhancement)."""
+    lines = []
+    for tumor in tumors:
+        e = tumor.get("enhancement")
+        if not e:
+            continue
+        contrast = ", ".join(f"{phase} {value:+.0f} HU" for phase, value in e["contrast_hu"].items()
+                             if value is not None)
+        lines.append(f"{tumor_name.capitalize()} {tumor['id']} vs liver: {contrast or 'n/a'} | APHE "
+                     f"{_yes_no(e['aphe'])}, washout {_yes_no(e['washout'])}, capsule "
+                     f"{_yes_no(e['capsule'])} (research features, not LI-RADS)")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,7 +299,9 @@ def render_overview(
     nrows = len(phases)
     panel_h = _PANEL_W * float(np.clip(h_mm / w_mm, 0.4, 2.0))
     fig_w = _ROW_LABEL_W + ncols * _PANEL_W + (ncols - 1) * _GAP + (_COLORBAR_W if show_attention else 0.15)
-    fig_h = _TITLE_H + _HEADER_H + nrows * panel_h + (nrows - 1) * _GAP + _FOOTER_H
+    lines = _footer_lines(stats, names, liver_label, tumor_label)
+    footer_h = _FOOTER_H + _LINE_H * (len(lines) - 2)
+    fig_h = _TITLE_H + _HEADER_H + nrows * panel_h + (nrows - 1) * _GAP + footer_h
     fig = Figure(figsize=(fig_w, fig_h), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
 
@@ -312,7 +356,8 @@ def render_overview(
                 oriented_attention = _orient(attention[phase])
                 att = np.array(sitk.GetArrayViewFromImage(oriented_attention)[k, rows, cols],
                                dtype=np.float32)
-                heat = ax.imshow(np.clip(att, 0, 1), cmap=ATTENTION_CMAP, vmin=0, vmax=1,
+                low, high = _attention_window(stats, phase, oriented_attention, lab, liver_label, tumor_label)
+                heat = ax.imshow(np.clip(att, 0, 1), cmap=ATTENTION_CMAP, vmin=low, vmax=high,
                                  alpha=ATTENTION_ALPHA, extent=extent, interpolation="bilinear",
                                  aspect="equal")
                 _outline(ax, tumor_mask, sx, sy, "white", 0.8, style="dashed")
@@ -322,7 +367,8 @@ def render_overview(
                 cax = fig.add_axes((left, (top - panel_h * 0.9) / fig_h, 0.12 / fig_w, 0.8 * panel_h / fig_h))
                 bar = fig.colorbar(heat, cax=cax)
                 bar.solids.set_alpha(1)
-                bar.set_ticks([0, 0.5, 1])
+                bar.set_ticks([low, (low + high) / 2, high])
+                bar.ax.set_yticklabels([f"{v:.2f}" for v in (low, (low + high) / 2, high)])
                 bar.ax.tick_params(labelsize=7)
                 bar.set_label(f"{phase} attention", fontsize=7)
             else:
@@ -330,11 +376,10 @@ def render_overview(
                         va="center", color="white", fontsize=9)
 
     _domain_warning(fig, (stats or {}).get("domain_check"))
-    lines = _footer_lines(stats, names, liver_label, tumor_label)
-    y = _FOOTER_H - 0.22
+    y = footer_h - 0.22
     for line in lines:
         fig.text(0.5, y / fig_h, line, ha="center", va="center", fontsize=8.5)
-        y -= 0.2
+        y -= _LINE_H
     fig.text(0.5, y / fig_h - 0.02 / fig_h, DISCLAIMER, ha="center", va="center", fontsize=8.5,
              fontweight="bold", color="#B00000")
     return fig

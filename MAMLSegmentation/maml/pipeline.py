@@ -53,6 +53,10 @@ class SegmentOptions:
     # Write results even when the image lies outside the model's training data (maml.domain);
     # the domain check then says "warning" and why.
     accept_out_of_distribution: bool = False
+    # Also write segmentation.dcm (maml.dicomseg), referencing the reference phase's DICOM series
+    # (read from a DICOM folder, or the folder dicom_source the phase's file was exported from).
+    dicom_seg: bool = False
+    dicom_source: str | None = None
 
 
 @dataclass
@@ -67,6 +71,7 @@ class SegmentationResult:
     reference: str
     stats: dict[str, Any]
     label_names: dict[int, str] = field(default_factory=dict)
+    dicom_source_files: list[str] = field(default_factory=list)  # for segmentation.dcm when asked
 
 
 class _Reporter:
@@ -129,10 +134,11 @@ def segment(
     cancel: Callable[[], bool] | None = None,
 ) -> SegmentationResult:
     """Segment one case. ``images`` maps phase names to images or paths; any phase may be missing."""
+    from .attention import attention_windows
     from .inference import predict_case, resolve_device
     from .io import read_image
     from .registration import register
-    from .stats import add_tumor_means, compute_statistics
+    from .stats import add_enhancement, add_tumor_means, compute_statistics
 
     options = options or SegmentOptions()
     report = _Reporter(progress)
@@ -148,6 +154,7 @@ def segment(
     phases = {name: (image if isinstance(image, sitk.Image) else read_image(image, f"phase {name!r}"))
               for name, image in images.items()}
     reference = choose_reference(list(phases), config.phases, options.reference)
+    dicom_source = _dicom_source(options, phases[reference], reference)  # refused before the work
     checks = check_input(loaded, phases, reference, options)
     report.done("load")
 
@@ -182,6 +189,8 @@ def segment(
     stats = compute_statistics(prediction.labels, liver_label=values.get("liver", 1),
                                tumor_label=values.get("tumor", 2), label_names=label_names)
     add_tumor_means(stats, prediction.labels, prediction.uncertainty, "mean_uncertainty")
+    add_enhancement(stats, prediction.labels, on_reference)
+    stats["attention_window"] = attention_windows(attention, prediction.labels)
     report.done("statistics")
     stats.update({
         "reference_phase": reference,
@@ -202,7 +211,15 @@ def segment(
         "timings": dict(report.timings),
     })
     return SegmentationResult(prediction.labels, attention, prediction.uncertainty, on_reference,
-                              transforms, reference, stats, label_names)
+                              transforms, reference, stats, label_names, dicom_source)
+
+
+def _dicom_source(options: SegmentOptions, reference_image: sitk.Image, reference: str) -> list[str]:
+    if not options.dicom_seg:
+        return []
+    from .dicomseg import dicom_source_files
+
+    return dicom_source_files(reference_image, reference, options.dicom_source)
 
 
 def model_data_kind(loaded: LoadedModel) -> str | None:
@@ -296,6 +313,8 @@ def write_result(result: SegmentationResult, out_dir: str | Path, overview: bool
         write_image(result.labels, folder / "segmentation.nii.gz")
         if result.uncertainty is not None:
             write_image(result.uncertainty, folder / "uncertainty.nii.gz")
+        if result.dicom_source_files:
+            _write_dicom_seg(result, folder / "segmentation.dcm")
         for phase, heatmap in result.attention.items():
             write_image(heatmap, folder / f"attention_{phase}.nii.gz")
         for phase, transform in result.transforms.items():
@@ -309,3 +328,12 @@ def write_result(result: SegmentationResult, out_dir: str | Path, overview: bool
         result.stats["timings"].update(report.timings)
         write_json(result.stats, folder / "stats.json")
     return Path(out_dir)
+
+
+def _write_dicom_seg(result: SegmentationResult, path: Path) -> None:
+    from .dicomseg import write_dicom_seg
+
+    labels = result.stats.get("model", {}).get("labels", [])
+    colors = {label["name"]: label["color"] for label in labels if "color" in label}
+    write_dicom_seg(result.labels, result.dicom_source_files, path,
+                    {"liver": result.stats["liver_label"], "tumor": result.stats["tumor_label"]}, colors)

@@ -41,7 +41,8 @@ import SimpleITK as sitk
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_MIN_TUMOR_ML", "compute_statistics", "label_name_map", "max_distance"]
+__all__ = ["DEFAULT_MIN_TUMOR_ML", "compute_statistics", "label_name_map", "max_distance",
+           "tumor_enhancement", "add_enhancement"]
 
 DEFAULT_MIN_TUMOR_ML = 0.01
 
@@ -195,7 +196,7 @@ def compute_statistics(
     tumor_voxels = count_of.get(int(tumor_label), 0)
     parenchyma_voxels = count_of.get(int(liver_label), 0)
 
-    kept, n_kept, n_components, kept_voxels = tumor_components(labels, tumor_label, min_tumor_ml)
+    kept, n_kept, kept_voxels, n_components = _tumor_components(labels, tumor_label, min_tumor_ml)
 
     tumors = []
     if n_kept:
@@ -233,23 +234,24 @@ def compute_statistics(
     }
 
 
-def tumor_components(labels: sitk.Image, tumor_label: int = 2,
-                     min_tumor_ml: float = DEFAULT_MIN_TUMOR_ML) -> tuple[sitk.Image, int, int, int]:
-    """The tumors as numbered components (26-connected, largest first, those under
-    ``min_tumor_ml`` dropped): (component image, tumors kept, components found, voxels kept). Tumor
-    ``id`` i of :func:`compute_statistics` is the voxels equal to i here."""
+def _tumor_components(labels: sitk.Image, tumor_label: int, min_tumor_ml: float):
+    """The listed tumors: 26-connected components of at least ``min_tumor_ml``, numbered from 1 by
+    decreasing size. Returns (component image, how many kept, their voxels, how many components).
+    Tumor ``id`` i of :func:`compute_statistics` is the voxels equal to i here."""
     voxel_ml = _voxel_volume_ml(labels)
     tumor_mask = sitk.Cast(labels == int(tumor_label), sitk.sitkUInt8)
     components = sitk.ConnectedComponentImageFilter()
     components.FullyConnectedOn()  # 26-connectivity
     cc = components.Execute(tumor_mask)
+    n_components = components.GetObjectCount()
     min_voxels = max(1, math.ceil(min_tumor_ml / voxel_ml - 1e-9)) if min_tumor_ml > 0 else 1
     relabel = sitk.RelabelComponentImageFilter()
     relabel.SetMinimumObjectSize(min_voxels)
     relabel.SortByObjectSizeOn()
     kept = relabel.Execute(cc)
     n_kept = relabel.GetNumberOfObjects()
-    return kept, n_kept, components.GetObjectCount(), int(sum(relabel.GetSizeOfObjectsInPixels()[:n_kept]))
+    kept_voxels = int(sum(relabel.GetSizeOfObjectsInPixels()[:n_kept]))
+    return kept, n_kept, kept_voxels, n_components
 
 
 def add_tumor_means(stats: dict, labels: sitk.Image, values: sitk.Image, key: str) -> None:
@@ -257,7 +259,7 @@ def add_tumor_means(stats: dict, labels: sitk.Image, values: sitk.Image, key: st
     ``stats["tumors"]`` (from :func:`compute_statistics` on the same labels)."""
     if not stats.get("tumors"):
         return
-    kept, n_kept, _, _ = tumor_components(labels, stats["tumor_label"], stats["min_tumor_ml"])
+    kept, n_kept, _, _ = _tumor_components(labels, stats["tumor_label"], stats["min_tumor_ml"])
     ids = sitk.GetArrayViewFromImage(kept).ravel()
     array = sitk.GetArrayViewFromImage(values).ravel().astype(np.float64)
     sums = np.bincount(ids, weights=array, minlength=n_kept + 1)
@@ -296,3 +298,147 @@ def _tumor_entry(lab, shape, kept_array, matrix, labels, voxel_ml) -> dict:
         "centroid_index": [int(round(c)) for c in index],
         "bounding_box_index": [x0, y0, z0, sx, sy, sz],
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Enhancement across phases (research features)
+# --------------------------------------------------------------------------------------------------
+
+ARTERIAL, VENOUS = "arterial", "venous"
+SHELL_MM = 5.0  # the surrounding liver: parenchyma within this distance of the tumor
+RIM_MM = 2.0  # the tumor's rim (where a capsule would be): its outer voxel layer, within this of its border
+APHE_MARGIN_HU = 20.0  # tumor brighter than the liver shell in the arterial phase by at least this
+WASHOUT_MARGIN_HU = 10.0  # tumor darker than the liver shell in the venous phase by at least this
+MIN_CORE_VOXELS = 30  # fewer voxels deeper than RIM_MM: the tumor counts as having no core
+CAPSULE_MARGIN_HU = 5.0  # venous rim brighter than both the tumor's core and the liver shell by this
+ENHANCEMENT_NOTE = ("research features computed from the images, not a LI-RADS category and not a "
+                    "diagnosis")
+
+
+def _check_phases_on_grid(labels: sitk.Image, phases: Mapping[str, sitk.Image]) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, image in phases.items():
+        same = (isinstance(image, sitk.Image) and image.GetSize() == labels.GetSize()
+                and np.allclose(image.GetSpacing(), labels.GetSpacing(), atol=1e-4)
+                and np.allclose(image.GetOrigin(), labels.GetOrigin(), atol=1e-3)
+                and np.allclose(image.GetDirection(), labels.GetDirection(), atol=1e-5))
+        if not same:
+            raise InputError(f"phase {name!r}: not on the label map's grid; resample (register) it onto "
+                             "the reference phase first")
+        arrays[name] = sitk.GetArrayViewFromImage(image)
+    return arrays
+
+
+def _median(values: np.ndarray) -> float | None:
+    return float(np.median(values)) if values.size else None
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def tumor_enhancement(
+    labels: sitk.Image,
+    phases: Mapping[str, sitk.Image],
+    liver_label: int = 1,
+    tumor_label: int = 2,
+    min_tumor_ml: float = DEFAULT_MIN_TUMOR_ML,
+) -> list[dict]:
+    """How each listed tumor enhances in each phase, in the order (and numbering) of
+    :func:`compute_statistics`'s ``tumors``.
+
+    ``phases``: phase name -> CT image (HU) on the label map's grid (the registered phases). Per tumor:
+    ``tumor_median_hu`` (median HU of the tumor's voxels), ``liver_median_hu`` (median HU of the liver
+    parenchyma within ``SHELL_MM`` of the tumor), ``contrast_hu`` (tumor minus liver), ``rim_median_hu``
+    and ``core_median_hu`` (tumor voxels within / deeper than ``RIM_MM`` of its border; no core when
+    fewer than ``MIN_CORE_VOXELS`` are deeper), per phase;
+    ``None`` where there are no such voxels. Flags, ``None`` when the phase they need is missing:
+
+    - ``aphe``: the interior (the core, or the whole tumor when it has none: "nonrim") minus the
+      liver >= ``APHE_MARGIN_HU`` in the arterial phase (arterial-phase hyperenhancement);
+    - ``washout``: the interior ("nonperipheral") minus the liver <= -``WASHOUT_MARGIN_HU`` in the
+      venous phase (darker than the liver; hypovascular lesions and cysts are darker too, so read it
+      together with ``aphe``);
+    - ``capsule``: venous rim median >= both the core and the liver medians + ``CAPSULE_MARGIN_HU``
+      (an enhancing rim); ``None`` for a tumor too thin to have a core (nothing to tell a rim from).
+
+    These are research features measured on the images, not a LI-RADS category.
+    """
+    array = _check_labels(labels)
+    hu = _check_phases_on_grid(labels, phases)
+    kept, n_kept, _, _ = _tumor_components(labels, tumor_label, min_tumor_ml)
+    if not n_kept:
+        return []
+    shape_filter = sitk.LabelShapeStatisticsImageFilter()
+    shape_filter.Execute(kept)
+    kept_array = sitk.GetArrayViewFromImage(kept)
+    spacing_zyx = np.asarray(labels.GetSpacing(), float)[::-1]
+    pad = np.ceil(max(SHELL_MM, RIM_MM) / spacing_zyx).astype(int) + 1
+    results = []
+    for lab in range(1, n_kept + 1):
+        x0, y0, z0, sx, sy, sz = shape_filter.GetBoundingBox(lab)
+        lo = np.maximum(np.array([z0, y0, x0]) - pad, 0)
+        hi = np.minimum(np.array([z0 + sz, y0 + sy, x0 + sx]) + pad, array.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        tumor = kept_array[box] == lab
+        distance = _signed_distance_mm(tumor, spacing_zyx)  # < 0 inside the tumor
+        regions = {
+            "tumor": tumor,
+            "liver": (array[box] == liver_label) & (distance > 0) & (distance <= SHELL_MM),
+            "rim": tumor & (distance >= -RIM_MM),
+            "core": tumor & (distance < -RIM_MM),
+        }
+        if regions["core"].sum() < MIN_CORE_VOXELS:  # the median of a few voxels is noise
+            regions["core"] = np.zeros_like(tumor)
+        medians = {region: {name: _median(np.asarray(values[box][mask], float))
+                            for name, values in hu.items()} for region, mask in regions.items()}
+        results.append(_enhancement_entry(medians, int(regions["liver"].sum())))
+    return results
+
+
+def _signed_distance_mm(mask: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
+    """Distance (mm) of each voxel centre to the mask's border: negative inside, positive outside."""
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing([float(s) for s in spacing_zyx[::-1]])
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    return sitk.GetArrayFromImage(distance)
+
+
+def _enhancement_entry(medians: dict, shell_voxels: int) -> dict:
+    tumor, liver, rim, core = (medians[r] for r in ("tumor", "liver", "rim", "core"))
+    contrast = {phase: _difference(tumor[phase], liver[phase]) for phase in tumor}
+    # The flags read the tumor's interior (LI-RADS speaks of "nonrim" APHE and "nonperipheral"
+    # washout): its core, or the whole tumor when it is too thin to have one.
+    interior = {phase: core[phase] if core[phase] is not None else tumor[phase] for phase in tumor}
+    arterial = _difference(interior.get(ARTERIAL), liver.get(ARTERIAL))
+    venous = _difference(interior.get(VENOUS), liver.get(VENOUS))
+    capsule = None
+    # A tumor too thin to have a core has no rim to tell from its body: no capsule flag (None).
+    if VENOUS in rim and None not in (rim[VENOUS], core[VENOUS], liver[VENOUS]):
+        capsule = rim[VENOUS] - max(core[VENOUS], liver[VENOUS]) >= CAPSULE_MARGIN_HU
+    return {
+        "tumor_median_hu": tumor,
+        "liver_median_hu": liver,
+        "contrast_hu": contrast,
+        "rim_median_hu": rim,
+        "core_median_hu": core,
+        "aphe": None if arterial is None else arterial >= APHE_MARGIN_HU,
+        "washout": None if venous is None else venous <= -WASHOUT_MARGIN_HU,
+        "capsule": capsule,
+        "liver_shell_mm": SHELL_MM,
+        "liver_shell_voxels": shell_voxels,
+        "rim_mm": RIM_MM,
+        "margins_hu": {"aphe": APHE_MARGIN_HU, "washout": WASHOUT_MARGIN_HU, "capsule": CAPSULE_MARGIN_HU},
+        "note": ENHANCEMENT_NOTE,
+    }
+
+
+def add_enhancement(stats: dict, labels: sitk.Image, phases: Mapping[str, sitk.Image]) -> dict:
+    """Adds ``enhancement`` (see :func:`tumor_enhancement`) to each tumor of ``stats`` (from
+    :func:`compute_statistics` on the same ``labels``); returns ``stats``."""
+    entries = tumor_enhancement(labels, phases, stats["liver_label"], stats["tumor_label"],
+                                stats["min_tumor_ml"])
+    for tumor, entry in zip(stats["tumors"], entries):
+        tumor["enhancement"] = entry
+    return stats

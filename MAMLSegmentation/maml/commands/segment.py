@@ -30,6 +30,9 @@ def add_run_options(parser) -> None:
                         help="write results even when the image lies outside the model's training "
                              "data (the check then warns instead of refusing with exit code 3)")
     parser.add_argument("--no-overview", action="store_true", help="skip overview.png")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="also write segmentation.dcm, a DICOM Segmentation referencing the "
+                             "reference phase's DICOM series (that phase must be a DICOM folder)")
     parser.add_argument("--json-progress", action="store_true",
                         help="print progress as JSON lines on stdout (for other programs)")
 
@@ -38,6 +41,9 @@ def configure(parser) -> None:
     parser.add_argument("--phase", action="append", type=phase_argument, default=[], metavar="NAME=PATH",
                         help="a phase image: NIfTI, NRRD or MHA file, or a DICOM series folder; repeat per phase")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--dicom-source", metavar="FOLDER",
+                        help="with --dicom-seg: the DICOM series folder the reference phase's file "
+                             "was exported from (same geometry)")
     add_run_options(parser)
 
 
@@ -47,7 +53,8 @@ def options_from(args):
     return SegmentOptions(registration=args.register, reference=args.reference, device=args.device,
                           tta=args.tta, allow_poor_registration=args.allow_poor_registration,
                           postprocess=not args.no_postprocessing,
-                          accept_out_of_distribution=args.accept_out_of_distribution)
+                          accept_out_of_distribution=args.accept_out_of_distribution,
+                          dicom_seg=args.dicom_seg, dicom_source=getattr(args, "dicom_source", None))
 
 
 def summary_lines(stats: dict) -> list[str]:
@@ -85,6 +92,8 @@ def run(args) -> int:
             raise InputError("no phases given: use --phase arterial=PATH --phase venous=PATH")
         if len(set(names)) != len(names):
             raise InputError(f"a phase is given twice: {names}")
+        if args.dicom_source and not args.dicom_seg:
+            raise InputError("--dicom-source is only used with --dicom-seg")
         paths = dict(args.phase)
         if len(set(paths.values())) != len(paths):
             raise InputError(f"the same file is given for several phases: {paths}")

@@ -71,6 +71,10 @@ def configure(parser):
     parser.add_argument("--data-kind", choices=["synthetic", "clinical"],
                         help="what the training images are (recorded in the model and shown to "
                              "users); default: the data set's dataset.json says, else clinical")
+    parser.add_argument("--final-upsampling", choices=("transpose", "trilinear"),
+                        help="the decoder's last up-sampling: transpose (nnU-Net's transposed "
+                             "convolution, the presets' default) or trilinear (trilinear + a "
+                             "convolution: attention maps without its period-2 pattern)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -102,6 +106,8 @@ def run(args) -> int:
         from ..errors import InputError
 
         raise InputError(f"--config {args.config!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    if args.final_upsampling:
+        config.network.final_upsampling = args.final_upsampling
     given = {field: getattr(args, arg) for arg, field in _OPTION_ARGS.items()
              if getattr(args, arg) is not None}
     if "fold" in given:
