@@ -71,7 +71,8 @@ def test_model_card_text_shows_kind_phases_labels_spacing_training_and_validatio
     assert "Spacing (z, y, x): 3 x 2.5 x 2.5 mm" in details
     assert "Training: MAMLPhantom data set, 57 training cases, 3 validation cases, 120 epochs" in details
     assert "Validation Dice (fused): liver 0.937, tumor 0.890" in details
-    assert "Data kind: unknown" in details
+    assert "Data kind: synthetic" in details
+    assert "Training fingerprint: stored" in details
     synthetic = cardSummary({**card, "data_kind": "synthetic"})
     assert "Trained on synthetic data. Not for patient images." in synthetic
     assert "Labels: liver, tumor." in synthetic

@@ -193,7 +193,8 @@ def test_choices_match_the_engine_options(module_ast):
 
     assert tuple(choices("device")) == DEVICES  # the widget disables the "cuda" item by index
     assert set(choices("registration")) <= set(REGISTRATION_PRESETS)
-    assert set(choices("referencePhase")) == set(PHASES) == set(choices("heatmapPhase"))
+    # the overlay: a phase's attention map, or the uncertainty map
+    assert set(choices("referencePhase")) == set(PHASES) == set(choices("heatmapPhase")) - {"uncertainty"}
     for name, (annotation, default) in fields.items():
         if annotation.startswith("Annotated[str, Choice(") and default is not None:
             assert ast.literal_eval(default) in choices(name), name

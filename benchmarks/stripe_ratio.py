@@ -42,7 +42,8 @@ def phantom_case(seed: int) -> dict:
 def measure(images: dict, model) -> dict:
     from maml.attention import stripe_ratio
     from maml.inference import predict_case
-    from maml.pipeline import BODY_HU, mask_attention_outside_body
+    from maml.pipeline import mask_attention_outside_body
+    from maml.preprocessing import BODY_HU
 
     prediction = predict_case(model, images, device="cpu")
     attention = mask_attention_outside_body(prediction.attention, images["venous"], model.config)
