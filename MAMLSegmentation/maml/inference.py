@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import CancelledError, InputError
 from .network import MAMLNet, WindowOutput
@@ -167,7 +168,10 @@ def sliding_window_predict(
     shape = volume.shape[1:]
     starts = list(itertools.product(*(window_starts(s, p, options.overlap) for s, p in zip(shape, patch))))
 
-    net = net.to(device)
+    # net: the torch module, or a backend object with its predict (maml.backends)
+    is_module = isinstance(net, nn.Module)
+    if is_module:
+        net = net.to(device)
     weight = gaussian_importance(patch, options.sigma_scale).to(device)
     fused = len(phases) == len(net.phases)
     probabilities = torch.zeros((net.num_classes, *shape), dtype=torch.float32, device=device)
@@ -178,14 +182,16 @@ def sliding_window_predict(
     autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
 
     # The layout change happens outside inference mode, so the weights stay usable for training.
-    with _inference_layout(net), torch.inference_mode(), autocast:
+    layout = _inference_layout(net) if is_module else nullcontext()
+    with layout, torch.inference_mode(), autocast:
         for first in range(0, len(starts), options.batch_size):
             if cancel is not None and cancel():
                 raise CancelledError("inference cancelled")
             group = starts[first:first + options.batch_size]
             regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in group]
             batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
-            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+            if is_module:
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
             out = _predict_window(net, batch, phases, options.mirror)
             features.append(out.bottleneck.float().cpu())
             for i, region in enumerate(regions):  # in place: no temporaries per window
@@ -226,6 +232,7 @@ class CasePrediction:
     uncertainty: "sitk.Image | None" = None
     window_features: np.ndarray | None = None
     window_body_fraction: np.ndarray | None = None
+    backend: str = "torch"  # which backend ran the network (maml.backends)
 
 
 def uncertainty_map(probabilities: np.ndarray, disagreement: np.ndarray | None) -> np.ndarray:
@@ -251,20 +258,26 @@ def predict_case(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     postprocess: bool = True,
+    backend: str = "auto",
 ) -> CasePrediction:
     """Co-registered phase images (any non-empty subset of the model's phases) -> CasePrediction.
 
     Probabilities are accumulated on the model's grid; only the final maps are resampled to the
     input grid, so memory follows the model's resolution. ``postprocess``: apply the model's
     post-processing (:mod:`maml.postprocessing`) to the labels (probabilities are left as they are).
+    ``backend``: auto, torch or openvino (:mod:`maml.backends`; auto: OpenVINO on the CPU when
+    installed).
     """
+    from .backends import inference_network, resolve_engine
     from .preprocessing import (labels_from_probabilities, map_to_input_geometry,
                                 preprocess_phases, probabilities_to_input_geometry)
 
+    torch_device, engine = resolve_engine(device, backend)
     case = preprocess_phases(images, model.config)
-    options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=device,
+    options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=str(torch_device),
                                    batch_size=batch_size)
-    windowed = sliding_window_predict(model.network, case.data, case.phases, options, progress,
+    network = inference_network(model, engine, torch_device)
+    windowed = sliding_window_predict(network, case.data, case.phases, options, progress,
                                       cancel, body=case.body)
     uncertainty = map_to_input_geometry(
         uncertainty_map(windowed.probabilities, windowed.disagreement), case)
@@ -287,4 +300,4 @@ def predict_case(
         head = f"mean({', '.join(case.phases)})"
     return CasePrediction(labels, attention, probabilities if keep_probabilities else None,
                           case.phases, head, uncertainty, windowed.window_features,
-                          windowed.window_body_fraction)
+                          windowed.window_body_fraction, engine)
