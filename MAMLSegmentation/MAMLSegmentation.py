@@ -61,6 +61,7 @@ class MAMLSegmentationParameterNode:
     registration: Annotated[str, Choice(["deformable", "rigid", "affine", "none"])] = "deformable"
     modelPath: pathlib.Path
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    backend: Annotated[str, Choice(["auto", "torch", "openvino"])] = "auto"
     postprocess: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     heatmapPhase: Annotated[str, Choice(["venous", "arterial"])] = "venous"
@@ -186,7 +187,8 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.run = self.logic.startSegmentation(
                 {"arterial": p.arterialVolume, "venous": p.venousVolume}, p.outputSegmentation,
-                self.modelFile(), p.registration, p.device, p.referencePhase, postprocess=p.postprocess)
+                self.modelFile(), p.registration, p.device, p.referencePhase, postprocess=p.postprocess,
+                backend=p.backend)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Starting the engine..."
             self.timer.start()
@@ -237,6 +239,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 def ensureDependencies() -> bool:
     """PyTorch through the PyTorch extension, then the engine's pip packages, after one confirmation."""
+    global _optionalOffered
     try:
         import PyTorchUtils
     except ModuleNotFoundError:
@@ -246,10 +249,19 @@ def ensureDependencies() -> bool:
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
     needTorch = not torchLogic.torchInstalled()
     missing = lib.missingPipRequirements()
-    if not needTorch and not missing:
-        return True
-    items = (["PyTorch (through the PyTorch extension)"] if needTorch else []) + [m["requirement"] for m in missing]
-    if not slicer.util.confirmOkCancelDisplay(
+    required = [m for m in missing if not m.get("optional")]
+    if not needTorch and not required:
+        # The optional packages (OpenVINO: faster CPU inference) are offered once per session.
+        if not missing or _optionalOffered:
+            return True
+        _optionalOffered = True
+        if not slicer.util.confirmYesNoDisplay(
+                "Install OpenVINO for about twice as fast segmentation on the CPU (optional)?\n\n"
+                + "\n".join(m["requirement"] for m in missing)):
+            return True
+    items = (["PyTorch (through the PyTorch extension)"] if needTorch else []) + [
+        m["requirement"] + (" (optional: faster on the CPU)" if m.get("optional") else "") for m in missing]
+    if required and not slicer.util.confirmOkCancelDisplay(
             "MAML segmentation needs these Python packages; they will be downloaded and installed now "
             "(SimpleITK, numpy and torch are kept as they are):\n\n" + "\n".join(items)):
         return False
@@ -265,6 +277,9 @@ def ensureDependencies() -> bool:
         finally:
             shutil.rmtree(constraints.parent, ignore_errors=True)
     return True
+
+
+_optionalOffered = False
 
 
 class MAMLSegmentationLogic(ScriptedLoadableModuleLogic, lib.MAMLSegmentationLogic):

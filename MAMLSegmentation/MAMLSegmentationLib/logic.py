@@ -42,6 +42,7 @@ PHASES = ("arterial", "venous")
 DEFAULT_REFERENCE_PHASE = "venous"
 REGISTRATION_PRESETS = ("none", "rigid", "affine", "deformable")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "openvino")  # maml.backends.BACKENDS
 DEFAULT_MODEL_NAME = "maml_liver_demo.pt"  # maml.pipeline.DEFAULT_MODEL_NAME
 
 # pip requirements of the engine beyond what Slicer ships (numpy, SimpleITK) and PyTorch (from the
@@ -51,6 +52,8 @@ PIP_REQUIREMENTS = [
     {"requirement": "itk-elastix>=0.20", "distribution": "itk-elastix", "no_deps": False},
     {"requirement": "tqdm>=4.60", "distribution": "tqdm", "no_deps": False},
     {"requirement": "matplotlib>=3.7", "distribution": "matplotlib", "no_deps": False},
+    # Optional: the OpenVINO backend, about twice as fast as torch on the CPU (the [cpu-fast] extra).
+    {"requirement": "openvino>=2024.6", "distribution": "openvino", "no_deps": False, "optional": True},
 ]
 # What pip must never replace: pinned to the installed versions with a constraints file.
 PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch")
@@ -300,24 +303,27 @@ class MAMLSegmentationLogic:
         return env
 
     def buildSegmentCommand(self, phasePaths: dict, outputDir, model=None, registration="deformable",
-                            referencePhase=None, device="auto", postprocess=True) -> list:
+                            referencePhase=None, device="auto", postprocess=True, backend="auto") -> list:
         command = [*self.engineCommandPrefix(), "segment"]
         for phase, path in phasePaths.items():
             command += ["--phase", f"{phase}={path}"]
         command += ["--out", str(outputDir), "--register", registration, "--device", device]
         if referencePhase:
             command += ["--reference", referencePhase]
-        return command + self._commonRunOptions(model, postprocess)
+        return command + self._commonRunOptions(model, postprocess, backend)
 
     def buildSegmentBatchCommand(self, inputDir, outputDir, model=None, registration="deformable",
-                                 device="auto", postprocess=True) -> list:
+                                 device="auto", postprocess=True, backend="auto") -> list:
         command = [*self.engineCommandPrefix(), "segment-batch", "--input", str(inputDir),
                    "--out", str(outputDir), "--register", registration, "--device", device]
-        return command + self._commonRunOptions(model, postprocess)
+        return command + self._commonRunOptions(model, postprocess, backend)
 
     @staticmethod
-    def _commonRunOptions(model, postprocess: bool) -> list:
+    def _commonRunOptions(model, postprocess: bool, backend: str = "auto") -> list:
+        if backend not in BACKENDS:
+            raise MAMLSegmentationError(f"Unknown backend '{backend}' (choose from {', '.join(BACKENDS)}).")
         options = ["--model", str(model)] if model else []
+        options += ["--backend", backend]
         if not postprocess:
             options.append("--no-postprocessing")
         return options + ["--json-progress"]
@@ -408,7 +414,7 @@ class MAMLSegmentationLogic:
     # --- running --------------------------------------------------------------------------------
     def startSegmentation(self, phaseNodes: dict, outputSegmentation=None, model=None,
                           registration="deformable", device="auto", referencePhase=None,
-                          outputDirectory=None, postprocess=True) -> SegmentationRun:
+                          outputDirectory=None, postprocess=True, backend="auto") -> SegmentationRun:
         """Check inputs, write them to a temporary folder and start the engine; returns at once."""
         phases, referencePhase = self.checkInputs(phaseNodes, registration, device, referencePhase,
                                                   outputSegmentation)
@@ -426,7 +432,7 @@ class MAMLSegmentationLogic:
             keep = outputDirectory is not None
             outputDir = Path(outputDirectory) if keep else tempDir / "output"
             command = self.buildSegmentCommand(phasePaths, outputDir, model, registration, referencePhase,
-                                               device, postprocess)
+                                               device, postprocess, backend)
             process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -436,18 +442,19 @@ class MAMLSegmentationLogic:
 
     def segment(self, phaseNodes: dict, outputSegmentation=None, model=None, registration="deformable",
                 device="auto", waitForCompletion=True, referencePhase=None, outputDirectory=None,
-                progressCallback=None, postprocess=True):
+                progressCallback=None, postprocess=True, backend="auto"):
         """Segment; blocking by default (returns a SegmentationResult), else a SegmentationRun.
 
-        ``postprocess=False`` keeps the network's raw labels (skips the model's post-processing)."""
+        ``postprocess=False`` keeps the network's raw labels (skips the model's post-processing).
+        ``backend``: auto, torch or openvino (auto: OpenVINO on the CPU when it is installed)."""
         run = self.startSegmentation(phaseNodes, outputSegmentation, model, registration, device,
-                                     referencePhase, outputDirectory, postprocess)
+                                     referencePhase, outputDirectory, postprocess, backend)
         if not waitForCompletion:
             return run
         return run.wait(progressCallback=progressCallback or _printProgress)
 
     def segmentFolder(self, inputDir, outputDir, model=None, registration="deformable", device="auto",
-                      waitForCompletion=True, progressCallback=None, postprocess=True):
+                      waitForCompletion=True, progressCallback=None, postprocess=True, backend="auto"):
         """``maml segment-batch`` over many cases; files in, files out (no nodes).
 
         ``inputDir``: an nnU-Net raw folder (imagesTs/CASE_0000.nii.gz = arterial, CASE_0001 = venous)
@@ -466,7 +473,7 @@ class MAMLSegmentationLogic:
         model = self.resolveModel(model)
         Path(outputDir).mkdir(parents=True, exist_ok=True)
         command = self.buildSegmentBatchCommand(inputDir, outputDir, model, registration, device,
-                                                postprocess)
+                                                postprocess, backend)
         process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         run = SegmentationRun(process, None, Path(outputDir), True, None, {}, "", None, importResults=False)
         if not waitForCompletion:
