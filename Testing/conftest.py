@@ -14,7 +14,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # process keeps the second core busy (OpenMP threads then wait on each other). Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The OpenVINO backend's converted networks go to a cache of this test session, never the user's.
-os.environ.setdefault("MAML_CACHE", tempfile.mkdtemp(prefix="maml-test-cache-"))
+os.environ["MAML_CACHE"] = tempfile.mkdtemp(prefix="maml-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MAML_CACHE"], True)
 
 
