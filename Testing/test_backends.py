@@ -156,6 +156,16 @@ def test_a_damaged_cache_entry_is_rebuilt(damage, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 
+def test_an_unwritable_cache_is_one_clear_error(tmp_path):
+    from maml.errors import ModelError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    net = MAMLNet(tiny_config()).eval()
+    with pytest.raises(ModelError, match="MAML_CACHE"):
+        OpenVINONetwork(net, cache=blocker / "openvino").prepare(net.phases, (2, *PATCH))
+
+
 def test_backend_choice():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "openvino"

@@ -220,8 +220,13 @@ class OpenVINONetwork:
         finally:
             self.network.train(was_training)
         model.reshape({model.inputs[0]: ov.PartialShape(list(example.shape))})
-        self.cache.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=self.cache))
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=self.cache))
+        except OSError as error:
+            raise ModelError(f"cannot write the OpenVINO cache folder {self.cache}: "
+                             f"{error.strerror or error}; set MAML_CACHE to a writable folder or use "
+                             "--backend torch") from None
         try:
             ov.save_model(model, temporary / MODEL_FILES[0], compress_to_fp16=False)
             record = dict(description, fields=graph.fields,
