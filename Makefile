@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# The pinned CPU build first, unless a torch (a user's CUDA build) is already there.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[test]"
+	# cpu-fast: OpenVINO (numpy, no torch), so the suite covers both inference backends.
+	$(PIP) install -q -e ".[test,cpu-fast]"
 	# nnU-Net's network package, for the fidelity tests; its deps would replace torch.
 	$(PIP) install -q --no-deps $(DNA_PIN)
 	# nnU-Net v2 itself, for the import-nnunet tests (they train and predict with it), held to the

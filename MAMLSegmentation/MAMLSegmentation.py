@@ -62,6 +62,7 @@ class MAMLSegmentationParameterNode:
     referencePhase: Annotated[str, Choice(["venous", "arterial"])] = "venous"
     registration: Annotated[str, Choice(["deformable", "rigid", "affine", "none"])] = "deformable"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    backend: Annotated[str, Choice(["auto", "torch", "openvino"])] = "auto"
     postprocess: bool = True
     acceptOutOfDistribution: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
@@ -292,9 +293,9 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.run.cancel()
             self.onTimer()
             return
-        if not ensureDependencies():
-            return
         p = self._parameterNode
+        if not ensureDependencies(backend=p.backend):
+            return
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self.ui.logTextEdit.clear()
             phases = lib.modelPhases(self.selectedModel())
@@ -302,7 +303,7 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 {phase: node for phase, node in {"arterial": p.arterialVolume, "venous": p.venousVolume}.items()
                  if phase in phases}, p.outputSegmentation,
                 self.modelFile(), p.registration, p.device, p.referencePhase, postprocess=p.postprocess,
-                acceptOutOfDistribution=p.acceptOutOfDistribution)
+                acceptOutOfDistribution=p.acceptOutOfDistribution, backend=p.backend)
             self.showDomainCheck({})
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Starting the engine..."
@@ -363,9 +364,10 @@ class MAMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         label.text = domain.get("sentence", "") if label.visible else ""
 
 
-def ensureDependencies(dicomSeg: bool = False) -> bool:
+def ensureDependencies(dicomSeg: bool = False, backend: str = "auto") -> bool:
     """PyTorch through the PyTorch extension, then the pip packages the chosen options need and lack
-    (version-aware, MAMLSegmentationLib.install), after one confirmation."""
+    (version-aware, MAMLSegmentationLib.install; OpenVINO when that backend is chosen), after one
+    confirmation."""
     from MAMLSegmentationLib import install
 
     try:
@@ -376,7 +378,7 @@ def ensureDependencies(dicomSeg: bool = False) -> bool:
         return False
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
     needTorch = not torchLogic.torchInstalled()
-    missing = install.missingRequirements(dicomSeg)
+    missing = install.missingRequirements(dicomSeg, backend=backend)
     if not needTorch and not missing:
         return True
     items = (["PyTorch (through the PyTorch extension)"] if needTorch else []) + [
@@ -391,7 +393,7 @@ def ensureDependencies(dicomSeg: bool = False) -> bool:
             return False
         constraintsDir = tempfile.mkdtemp(prefix="MAMLSegmentation-pip-")
         try:
-            install.installMissing(slicer.util.pip_install, constraintsDir, dicomSeg)
+            install.installMissing(slicer.util.pip_install, constraintsDir, dicomSeg, backend)
         finally:
             shutil.rmtree(constraintsDir, ignore_errors=True)
     return True

@@ -404,6 +404,14 @@ def test_segment_command_line_follows_the_engine_contract(tmp_path):
     assert parsed.dicom_seg is True and parsed.dicom_source == "/t/dicom"
     batch = logic.buildSegmentBatchCommand("/t/in", "/t/out", model, postprocess=False)
     assert batch[3] == "segment-batch" and build_parser().parse_args(batch[3:]).no_postprocessing is True
+    # the backend: auto by default, each choice reaches the engine, an unknown one is refused
+    assert build_parser().parse_args(command[3:]).backend == "auto"
+    for backend in ("torch", "openvino"):
+        single = logic.buildSegmentCommand({"venous": "/t/v.nrrd"}, "/t/out", model, backend=backend)
+        many = logic.buildSegmentBatchCommand("/t/in", "/t/out", model, backend=backend)
+        assert {build_parser().parse_args(c[3:]).backend for c in (single, many)} == {backend}
+    with pytest.raises(MAMLSegmentationError, match="Unknown backend"):
+        logic.buildSegmentCommand({"venous": "/t/v.nrrd"}, "/t/out", model, backend="tensorrt")
     env = logic.engineEnvironment()
     assert env["PYTHONPATH"].split(os.pathsep)[0].endswith("MAMLSegmentation")
     assert (Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "maml" / "cli.py").is_file()

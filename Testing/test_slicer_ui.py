@@ -192,6 +192,10 @@ def test_choices_match_the_engine_options(module_ast):
         return ast.literal_eval(call.args[0])
 
     assert tuple(choices("device")) == DEVICES  # the widget disables the "cuda" item by index
+    from maml.backends import BACKENDS
+    from MAMLSegmentationLib.logic import BACKENDS as LOGIC_BACKENDS
+
+    assert tuple(choices("backend")) == BACKENDS == LOGIC_BACKENDS
     assert set(choices("registration")) <= set(REGISTRATION_PRESETS)
     # the overlay: a phase's attention map, or the uncertainty map
     assert set(choices("referencePhase")) == set(PHASES) == set(choices("heatmapPhase")) - {"uncertainty"}

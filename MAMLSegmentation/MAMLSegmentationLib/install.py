@@ -6,7 +6,9 @@ extension (not here). What Slicer's engine runs needs:
 
 - always: itk-elastix (registration) and SciPy (post-processing; bundled with Slicer, so normally
   already satisfied);
-- a DICOM SEG output: highdicom (it brings pydicom).
+- a DICOM SEG output: highdicom (it brings pydicom);
+- the OpenVINO backend (about twice as fast as torch on the CPU): openvino, when chosen explicitly
+  (``auto`` uses it only when it is there).
 
 monai, tqdm and matplotlib are not needed: they serve training, evaluation, the terminal progress
 bar and the overview picture, which Slicer does not ask for (it runs the engine with
@@ -20,6 +22,7 @@ from importlib import metadata
 
 BASE_REQUIREMENTS = ("itk-elastix>=0.20", "scipy>=1.10")
 DICOM_SEG_REQUIREMENTS = ("highdicom>=0.22",)
+OPENVINO_REQUIREMENTS = ("openvino>=2024.6",)
 # What pip must never replace: pinned to the installed versions with a constraints file.
 PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch")
 
@@ -32,9 +35,10 @@ def _requirementClass():
     return Requirement
 
 
-def requiredPackages(dicomSeg: bool = False) -> list:
+def requiredPackages(dicomSeg: bool = False, backend: str = "auto") -> list:
     """Requirement strings for the chosen options."""
-    return list(BASE_REQUIREMENTS) + (list(DICOM_SEG_REQUIREMENTS) if dicomSeg else [])
+    return (list(BASE_REQUIREMENTS) + (list(DICOM_SEG_REQUIREMENTS) if dicomSeg else [])
+            + (list(OPENVINO_REQUIREMENTS) if backend == "openvino" else []))
 
 
 def unmetRequirement(text: str, version=metadata.version) -> str | None:
@@ -49,10 +53,10 @@ def unmetRequirement(text: str, version=metadata.version) -> str | None:
     return None
 
 
-def missingRequirements(dicomSeg: bool = False, version=metadata.version) -> list:
+def missingRequirements(dicomSeg: bool = False, version=metadata.version, backend: str = "auto") -> list:
     """``[(requirement, reason)]`` for the requirements of the chosen options that are not met."""
     missing = []
-    for text in requiredPackages(dicomSeg):
+    for text in requiredPackages(dicomSeg, backend):
         reason = unmetRequirement(text, version)
         if reason:
             missing.append((text, reason))
@@ -78,12 +82,12 @@ def pipInstallArguments(requirements: list, constraintsFile) -> list:
     return [*requirements, "-c", str(constraintsFile)]
 
 
-def installMissing(pipInstall, constraintsDir, dicomSeg: bool = False) -> list:
+def installMissing(pipInstall, constraintsDir, dicomSeg: bool = False, backend: str = "auto") -> list:
     """Installs what the chosen options need and is missing; returns the requirements installed.
     ``pipInstall``: ``slicer.util.pip_install``; ``constraintsDir``: a folder for the constraints file."""
     from pathlib import Path
 
-    missing = [text for text, _ in missingRequirements(dicomSeg)]
+    missing = [text for text, _ in missingRequirements(dicomSeg, backend=backend)]
     if not missing:
         return []
     constraints = Path(constraintsDir) / "constraints.txt"

@@ -43,6 +43,7 @@ PHASES = ("arterial", "venous")
 DEFAULT_REFERENCE_PHASE = "venous"
 REGISTRATION_PRESETS = ("none", "rigid", "affine", "deformable")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "openvino")  # maml.backends.BACKENDS
 DEFAULT_MODEL_NAME = "maml_liver_demo.pt"  # maml.pipeline.DEFAULT_MODEL_NAME
 
 # pip requirements of the engine beyond what Slicer ships (numpy, SimpleITK) and PyTorch (from the
@@ -277,7 +278,7 @@ class MAMLSegmentationLogic:
 
     def buildSegmentCommand(self, phasePaths: dict, outputDir, model=None, registration="deformable",
                             referencePhase=None, device="auto", postprocess=True,
-                            acceptOutOfDistribution=False, dicomSource=None) -> list:
+                            acceptOutOfDistribution=False, dicomSource=None, backend="auto") -> list:
         command = [*self.engineCommandPrefix(), "segment"]
         for phase, path in phasePaths.items():
             command += ["--phase", f"{phase}={path}"]
@@ -286,17 +287,22 @@ class MAMLSegmentationLogic:
             command += ["--reference", referencePhase]
         if dicomSource:
             command += ["--dicom-seg", "--dicom-source", str(dicomSource)]
-        return command + self._commonRunOptions(model, postprocess, acceptOutOfDistribution)
+        return command + self._commonRunOptions(model, postprocess, acceptOutOfDistribution, backend)
 
     def buildSegmentBatchCommand(self, inputDir, outputDir, model=None, registration="deformable",
-                                 device="auto", postprocess=True, acceptOutOfDistribution=False) -> list:
+                                 device="auto", postprocess=True, acceptOutOfDistribution=False,
+                                 backend="auto") -> list:
         command = [*self.engineCommandPrefix(), "segment-batch", "--input", str(inputDir),
                    "--out", str(outputDir), "--register", registration, "--device", device]
-        return command + self._commonRunOptions(model, postprocess, acceptOutOfDistribution)
+        return command + self._commonRunOptions(model, postprocess, acceptOutOfDistribution, backend)
 
     @staticmethod
-    def _commonRunOptions(model, postprocess: bool, acceptOutOfDistribution: bool = False) -> list:
+    def _commonRunOptions(model, postprocess: bool, acceptOutOfDistribution: bool = False,
+                          backend: str = "auto") -> list:
+        if backend not in BACKENDS:
+            raise MAMLSegmentationError(f"Unknown backend '{backend}' (choose from {', '.join(BACKENDS)}).")
         options = ["--model", str(model)] if model else []
+        options += ["--backend", backend]
         if not postprocess:
             options.append("--no-postprocessing")
         if acceptOutOfDistribution:
@@ -450,7 +456,7 @@ class MAMLSegmentationLogic:
     def startSegmentation(self, phaseNodes: dict, outputSegmentation=None, model=None,
                           registration="deformable", device="auto", referencePhase=None,
                           outputDirectory=None, postprocess=True,
-                          acceptOutOfDistribution=False, dicomSeg=False) -> SegmentationRun:
+                          acceptOutOfDistribution=False, dicomSeg=False, backend="auto") -> SegmentationRun:
         """Check inputs, write them to a temporary folder and start the engine; returns at once."""
         phases, referencePhase = self.checkInputs(phaseNodes, registration, device, referencePhase,
                                                   outputSegmentation)
@@ -471,7 +477,7 @@ class MAMLSegmentationLogic:
             dicomSource = copyDicomSource(dicomFiles, tempDir / "dicom_source") if dicomFiles else None
             command = self.buildSegmentCommand(phasePaths, outputDir, model, registration, referencePhase,
                                                device, postprocess, acceptOutOfDistribution,
-                                               dicomSource)
+                                               dicomSource, backend)
             process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -482,7 +488,7 @@ class MAMLSegmentationLogic:
     def segment(self, phaseNodes: dict, outputSegmentation=None, model=None, registration="deformable",
                 device="auto", waitForCompletion=True, referencePhase=None, outputDirectory=None,
                 progressCallback=None, postprocess=True, acceptOutOfDistribution=False,
-                dicomSeg=False):
+                dicomSeg=False, backend="auto"):
         """Segment; blocking by default (returns a SegmentationResult), else a SegmentationRun.
 
         ``postprocess=False`` keeps the network's raw labels (skips the model's post-processing).
@@ -491,17 +497,18 @@ class MAMLSegmentationLogic:
         the result comes with ``stats["domain_check"]["status"] == "warning"``.
         ``dicomSeg=True`` also writes ``segmentation.dcm`` (a DICOM SEG referencing the reference
         phase's DICOM series) into ``outputDirectory``, which it needs; the reference phase must have
-        been loaded from DICOM."""
+        been loaded from DICOM. ``backend``: auto, torch or openvino (auto: OpenVINO on the CPU
+        when it is installed)."""
         run = self.startSegmentation(phaseNodes, outputSegmentation, model, registration, device,
                                      referencePhase, outputDirectory, postprocess,
-                                     acceptOutOfDistribution, dicomSeg)
+                                     acceptOutOfDistribution, dicomSeg, backend)
         if not waitForCompletion:
             return run
         return run.wait(progressCallback=progressCallback or _printProgress)
 
     def segmentFolder(self, inputDir, outputDir, model=None, registration="deformable", device="auto",
                       waitForCompletion=True, progressCallback=None, postprocess=True,
-                      acceptOutOfDistribution=False):
+                      acceptOutOfDistribution=False, backend="auto"):
         """``maml segment-batch`` over many cases; files in, files out (no nodes).
 
         ``inputDir``: an nnU-Net raw folder (imagesTs/CASE_0000.nii.gz = arterial, CASE_0001 = venous)
@@ -520,7 +527,7 @@ class MAMLSegmentationLogic:
         model = self.resolveModel(model)
         Path(outputDir).mkdir(parents=True, exist_ok=True)
         command = self.buildSegmentBatchCommand(inputDir, outputDir, model, registration, device,
-                                                postprocess, acceptOutOfDistribution)
+                                                postprocess, acceptOutOfDistribution, backend)
         process = EngineProcess(command, env=self.engineEnvironment(), popen=self.popen)
         run = SegmentationRun(process, None, Path(outputDir), True, None, {}, "", None, importResults=False)
         if not waitForCompletion:

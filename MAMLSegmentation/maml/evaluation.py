@@ -409,8 +409,8 @@ def _case_rows(case, pred_image, gt_image, label_map) -> list[dict]:
 
 def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: str | None = "deformable",
                    heads: Sequence[str] | None = None, predictions_dir: str | Path | None = None,
-                   device: str = "auto", progress: bool = False, postprocess: bool = True
-                   ) -> dict[str, EvaluationResult]:
+                   device: str = "auto", progress: bool = False, postprocess: bool = True,
+                   backend: str = "auto") -> dict[str, EvaluationResult]:
     """Segments every case of an nnU-Net raw data set with a model and scores each head.
 
     Heads: "fused" (all phases) and each phase alone (the model's own head for that phase, as when a
@@ -419,6 +419,7 @@ def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: st
     transform files, or None to reject them); predictions are made on that grid and compared with
     the label map there. ``predictions_dir``: also write HEAD/CASE.nii.gz label maps.
     ``postprocess``: apply the model's post-processing (off: the raw labels, e.g. to tune it).
+    ``backend``: auto, torch or openvino (:mod:`maml.backends`).
     """
     import SimpleITK as sitk
 
@@ -426,6 +427,9 @@ def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: st
     from .inference import predict_case
     from .model import load_model
 
+    from .backends import resolve_engine
+
+    resolve_engine(device, backend)  # a wrong or missing backend fails before the first case
     model = load_model(model_path)
     dataset = read_dataset(dataset_dir)
     if len(dataset.channel_names) != len(model.config.phases):
@@ -448,7 +452,8 @@ def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: st
         images, label = load_case_images(dataset, model.config, case, register)
         for head in heads:
             inputs = images if head == "fused" else {head: images[head]}
-            prediction = predict_case(model, inputs, device=device, postprocess=postprocess)
+            prediction = predict_case(model, inputs, device=device, postprocess=postprocess,
+                                      backend=backend)
             if predictions_dir is not None:
                 path = Path(predictions_dir) / head / f"{case}{dataset.file_ending}"
                 path.parent.mkdir(parents=True, exist_ok=True)

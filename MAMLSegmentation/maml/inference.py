@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import CancelledError, InputError
 from .network import FoldEnsemble, MAMLNet, WindowOutput, pool_bottleneck
@@ -206,7 +207,10 @@ def sliding_window_predict(
     starts = list(itertools.product(*(window_starts(s, p, options.overlap, a)
                                       for s, p, a in zip(shape, patch, align))))
 
-    net = net.to(device)
+    # net: the torch module, or a backend object with its predict (maml.backends)
+    is_module = isinstance(net, nn.Module)
+    if is_module:
+        net = net.to(device)
     weight = gaussian_importance(patch, options.sigma_scale).to(device)
     fused = len(phases) == len(net.phases) > 1  # one phase: its own head, no fusion maps
     if options.blend not in ("probabilities", "logits"):
@@ -232,14 +236,17 @@ def sliding_window_predict(
             member_weights = torch.zeros(shape, dtype=torch.float16, device=device)
         member_features = []
         # The layout change happens outside inference mode, so the weights stay usable for training.
-        with _inference_layout(member), torch.inference_mode(), autocast:
+        # (a backend object of maml.backends has no layout to change)
+        layout = _inference_layout(member) if isinstance(member, nn.Module) else nullcontext()
+        with layout, torch.inference_mode(), autocast:
             for first in range(0, len(starts), options.batch_size):
                 if cancel is not None and cancel():
                     raise CancelledError("inference cancelled")
                 group = starts[first:first + options.batch_size]
                 regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in group]
                 batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
-                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+                if isinstance(member, nn.Module):
+                    batch = batch.contiguous(memory_format=torch.channels_last_3d)
                 out = _predict_window(member, batch, phases, options.mirror, options.mirror_axes)
                 if blend_logits and out.logits is None:
                     raise InputError("this network gives no logits; blend probabilities instead")
@@ -339,6 +346,7 @@ class CasePrediction:
     uncertainty: "sitk.Image | None" = None
     window_features: np.ndarray | None = None
     window_body_fraction: np.ndarray | None = None
+    backend: str = "torch"  # which backend ran the network (maml.backends)
 
 
 def uncertainty_map(probabilities: np.ndarray, disagreement: np.ndarray | None) -> np.ndarray:
@@ -364,23 +372,33 @@ def predict_case(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     postprocess: bool = True,
+    backend: str = "auto",
 ) -> CasePrediction:
     """Co-registered phase images (any non-empty subset of the model's phases) -> CasePrediction.
 
     Probabilities are accumulated on the model's grid; only the final maps are resampled to the
     input grid, so memory follows the model's resolution. ``postprocess``: apply the model's
     post-processing (:mod:`maml.postprocessing`) to the labels (probabilities are left as they are).
+    ``backend``: auto, torch or openvino (:mod:`maml.backends`; auto: OpenVINO on the CPU when
+    installed).
     """
+    from .backends import inference_network, resolve_engine
     from .preprocessing import (labels_from_probabilities, map_to_input_geometry,
                                 preprocess_phases, probabilities_to_input_geometry)
 
+    torch_device, engine = resolve_engine(device, backend)
     case = preprocess_phases(images, model.config)
-    options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=device,
+    if engine == "openvino" and not model.config.inference.is_default:
+        # Imported nnU-Net models blend logits per fold as nnU-Net does; the exported network
+        # gives probabilities only, so they run in torch.
+        engine = "torch"
+    options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=str(torch_device),
                                    batch_size=batch_size,
                                    mirror_axes=model.config.inference.mirror_axes,
                                    blend=model.config.inference.blend,
                                    align=window_alignment(model.config))
-    windowed = sliding_window_predict(model.network, case.data, case.phases, options, progress,
+    network = inference_network(model, engine, torch_device)
+    windowed = sliding_window_predict(network, case.data, case.phases, options, progress,
                                       cancel, body=case.body)
     uncertainty = map_to_input_geometry(
         uncertainty_map(windowed.probabilities, windowed.disagreement), case)
@@ -409,7 +427,7 @@ def predict_case(
         head = f"mean({', '.join(case.phases)})"
     return CasePrediction(labels, attention, probabilities if keep_probabilities else None,
                           case.phases, head, uncertainty, windowed.window_features,
-                          windowed.window_body_fraction)
+                          windowed.window_body_fraction, engine)
 
 
 def window_alignment(config) -> tuple[int, int, int]:

@@ -44,6 +44,7 @@ class SegmentOptions:
     registration: str = "deformable"  # none | rigid | affine | deformable
     reference: str | None = None  # default: "venous" when given, else the first given phase
     device: str = "auto"
+    backend: str = "auto"  # auto | torch | openvino (maml.backends)
     tta: bool = False  # mirroring test-time augmentation (8 flips: slower, slightly better)
     batch_size: int = 2
     # Phases that stay dissimilar after registration are most likely of different patients (or
@@ -135,7 +136,8 @@ def segment(
 ) -> SegmentationResult:
     """Segment one case. ``images`` maps phase names to images or paths; any phase may be missing."""
     from .attention import attention_windows
-    from .inference import predict_case, resolve_device
+    from .backends import resolve_engine
+    from .inference import predict_case
     from .io import read_image
     from .registration import register
     from .stats import add_enhancement, add_tumor_means, compute_statistics
@@ -143,7 +145,7 @@ def segment(
     options = options or SegmentOptions()
     report = _Reporter(progress)
     report("load", 0.0, "loading the model and images")
-    device = resolve_device(options.device)
+    device, backend = resolve_engine(options.device, options.backend)
     loaded = resolve_model(model, device)
     config = loaded.config
     if not images:
@@ -178,7 +180,7 @@ def segment(
     prediction = predict_case(
         loaded, on_reference, mirror=options.tta, device=str(device), batch_size=options.batch_size,
         progress=lambda f: report("inference", f, "MAML inference"), cancel=cancel,
-        postprocess=options.postprocess)
+        postprocess=options.postprocess, backend=backend)
     attention = mask_attention_outside_body(prediction.attention, on_reference[reference], config)
     report.done("inference")
     domain = check_result(loaded, prediction, on_reference, checks, options)
@@ -200,6 +202,7 @@ def segment(
         "domain_check": domain.to_dict(),
         "registration": {"preset": options.registration, "phases": quality},
         "device": str(device) if device.type == "cpu" else f"{device} ({_gpu_name()})",
+        "backend": prediction.backend,
         "model": {
             "name": config.name, "path": str(loaded.path) if loaded.path else None,
             "sha256": loaded.sha256, "phases": config.phases,

@@ -15,13 +15,13 @@ def configure(parser) -> None:
 
 def run(args) -> int:
     from ..batch import run_batch
-    from ..inference import resolve_device
+    from ..backends import resolve_engine
     from ..pipeline import resolve_model
     from ..runcontrol import ProgressPrinter, reported_run
 
     printer = ProgressPrinter(args.json_progress, "segment-batch")
     with reported_run(printer):
-        model = resolve_model(args.model, resolve_device(args.device))
+        model = resolve_model(args.model, resolve_engine(args.device, args.backend)[0])
         rows = run_batch(args.input, args.out, model, options_from(args), overwrite=args.overwrite,
                          overview=not args.no_overview, progress=printer)
         failed = [r for r in rows if r.get("status") != "ok"]
