@@ -31,7 +31,7 @@ from .conversion import checkVolume3D, imageFromVolumeNode
 from .dicomsource import copyDicomSource, dicomSourceFiles
 from .errors import CancelledError, MAMLSegmentationError, OutOfDistributionRefusal
 from .models import ModelCatalog, ModelCommandRun
-from .process import EXIT_REFUSED, EngineProcess, ProgressEvent
+from .process import EXIT_REFUSED, EngineProcess, EngineRun, ProgressEvent
 from .results import importEngineOutput, readEngineOutput
 
 MODULE_DIR = Path(__file__).resolve().parents[1]          # .../MAMLSegmentation (holds maml/)
@@ -145,7 +145,7 @@ class SegmentationResult:
         return self.stats.get("domain_check") or {}
 
 
-class SegmentationRun:
+class SegmentationRun(EngineRun):
     """A segmentation running in the background. Call ``poll()`` (a QTimer) or ``wait()``.
 
     When the engine is done, ``poll()`` imports its results (``result``); on failure or cancel the
@@ -167,18 +167,6 @@ class SegmentationRun:
         self.result: SegmentationResult | None = None
         self.error: MAMLSegmentationError | None = None
         self.state = "running"
-
-    @property
-    def isRunning(self) -> bool:
-        return self.state == "running"
-
-    def poll(self) -> list:
-        if self.state != "running":
-            return []
-        events = self.process.poll()
-        if self.process.state != "running":
-            self._finish()
-        return events
 
     def _finish(self) -> None:
         try:

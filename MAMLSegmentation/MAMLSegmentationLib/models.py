@@ -13,7 +13,7 @@ from pathlib import Path
 from maml import models as engineModels
 
 from .errors import CancelledError, MAMLSegmentationError
-from .process import EngineProcess
+from .process import EngineProcess, EngineRun
 
 BUNDLED_DIR = engineModels.BUNDLED_DIR
 
@@ -125,7 +125,7 @@ def dataKind(card: dict) -> str:
     return str(card.get("data_kind") or metadata.get("data_kind") or "unknown")
 
 
-class ModelCommandRun:
+class ModelCommandRun(EngineRun):
     """``maml models install ...`` or ``maml models list`` running in the background.
 
     Call ``poll()`` from a timer (or ``wait()``); when it ends the catalog is re-read; ``error``
@@ -140,18 +140,6 @@ class ModelCommandRun:
         self.error: MAMLSegmentationError | None = None
         self.installedName = ""
         self.state = "running"
-
-    @property
-    def isRunning(self) -> bool:
-        return self.state == "running"
-
-    def poll(self) -> list:
-        if self.state != "running":
-            return []
-        events = self.process.poll()
-        if self.process.state != "running":
-            self._finish()
-        return events
 
     def _finish(self) -> None:
         self.state = self.process.state

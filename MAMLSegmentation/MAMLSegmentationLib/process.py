@@ -217,3 +217,26 @@ class EngineProcess:
 
     def logText(self) -> str:
         return "\n".join(self.log)
+
+
+class EngineRun:
+    """An engine command running in the background, polled (a QTimer) until it ends; a subclass
+    says in ``_finish`` what its end means (import results, a refusal, an installed model...)."""
+
+    process: EngineProcess
+    state: str = "running"
+
+    @property
+    def isRunning(self) -> bool:
+        return self.state == "running"
+
+    def poll(self) -> list:
+        if self.state != "running":
+            return []
+        events = self.process.poll()
+        if self.process.state != "running":
+            self._finish()
+        return events
+
+    def _finish(self) -> None:
+        raise NotImplementedError
