@@ -214,3 +214,27 @@ def test_footer_shows_each_tumors_enhancement(abdomen):
     plain_fig = overview.render_overview(phases, labels, attention, plain, NAMES)
     grown = taller.get_size_inches()[1] - plain_fig.get_size_inches()[1]
     assert grown == pytest.approx(overview._LINE_H * len(extra))
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+def test_a_domain_warning_cannot_be_missed(abdomen, accepted):
+    """Accepted out-of-distribution input: a red band over the title and a watermark across the
+    panels; a plain warning (e.g. a model without fingerprint): the band only, in orange."""
+    phases, labels, attention = abdomen
+    stats = compute_statistics(labels, label_names=NAMES)
+
+    def pixels(domain):
+        fig = overview.render_overview(phases, labels, attention, dict(stats, domain_check=domain), NAMES)
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+
+    plain = pixels({"status": "ok", "sentence": "fine"})
+    marked = pixels({"status": "warning", "accepted_out_of_distribution": accepted,
+                     "sentence": "maml-liver-demo was trained on synthetic phantoms only"})
+    changed = np.abs(marked - plain).sum(-1) > 30
+    rows = changed.shape[0]
+    assert changed[: rows // 10].mean() > 0.1  # the band over the title
+    band = marked[: rows // 10][changed[: rows // 10]]
+    assert (band[:, 0] > band[:, 1] + 60).mean() > 0.5  # red or orange, not black text
+    panels = changed[rows // 4: 3 * rows // 4].mean()
+    assert (panels > 0.01) if accepted else (panels == 0)

@@ -396,7 +396,7 @@ def _domain_warning(fig, domain: dict | None) -> None:
     outside = bool(domain.get("accepted_out_of_distribution"))
     colour = "#B00000" if outside else "#C76B00"
     text = ("OUTSIDE THE MODEL'S TRAINING DATA: " if outside else "CAUTION: ") + domain.get("sentence", "")
-    wrapped = "\n".join(textwrap.wrap(text, width=int(fig.get_figwidth() * 15))[:3])
+    wrapped = "\n".join(textwrap.wrap(text, width=int(fig.get_figwidth() * 10))[:4])
     fig.text(0.5, 1 - 0.02, wrapped, ha="center", va="top", fontsize=8.5, color="white",
              fontweight="bold", zorder=10,
              bbox={"boxstyle": "square,pad=0.5", "facecolor": colour, "edgecolor": colour})
