@@ -38,8 +38,10 @@ system-deps:
 	  else echo "note: offscreen rendering needs $(SYSTEM_PACKAGES); its test will be skipped"; fi; \
 	fi
 
+# Two workers (the machines have 2 cores), a test file per worker at a time: the module-scoped
+# fixtures (trained tiny models, phantoms) are built once.
 test: setup system-deps
-	$(PY) -m pytest -q Testing
+	$(PY) -m pytest -q -n 2 --dist loadfile Testing
 
 demo: setup
 	$(PY) -m maml.cli demo

@@ -13,6 +13,14 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # The test volumes are tiny: one thread is as fast as two and does not collapse when another
 # process keeps the second core busy (OpenMP threads then wait on each other). Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Each pytest-xdist worker gets its own temporary folder (subprocesses inherit TMPDIR): the tests
+# that check that a run leaves no temporary files behind must not see another worker's.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _worker_tmp = Path(tempfile.gettempdir()) / f"maml-tests-{os.environ['PYTEST_XDIST_WORKER']}-{os.getpid()}"
+    _worker_tmp.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(_worker_tmp)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    atexit.register(shutil.rmtree, str(_worker_tmp), True)
 # The OpenVINO backend's converted networks go to a cache of this test session, never the user's.
 os.environ["MAML_CACHE"] = tempfile.mkdtemp(prefix="maml-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MAML_CACHE"], True)
