@@ -160,6 +160,9 @@ def main(argv=None) -> int:
     seg.add_argument("--device", default="auto")
     seg.add_argument("--json-progress", action="store_true")
     seg.add_argument("--no-overview", action="store_true")
+    seg.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"])
+    seg.add_argument("--accept-out-of-distribution", action="store_true")
+    seg.add_argument("--no-postprocessing", action="store_true")
     args = parser.parse_args(argv)
     return segment(args)
 

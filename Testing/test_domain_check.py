@@ -117,7 +117,7 @@ def test_a_header_with_50_mm_voxels_is_refused_before_any_allocation(venous, tmp
     sitk.WriteImage(image, str(path))
     assert main(["segment", "--phase", f"venous={path}", "--out", str(tmp_path / "out")]) == 3
     err = capsys.readouterr().err.strip()
-    assert "field of view" in err and len(err.splitlines()) == 1
+    assert "voxel spacing along" in err and len(err.splitlines()) == 1
     # a model without a fingerprint cannot tell; the memory estimate refuses instead
     tiny = save_tiny_liver_model(tmp_path / "tiny.pt")
     image.SetSpacing((200.0, 200.0, 200.0))
