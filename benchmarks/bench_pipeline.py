@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "MAMLSegmentation" / "Resources" / "SampleData"
 
 
-def run_segment(phases: dict[str, Path], out: Path, model: str | None, register: str) -> tuple[float, float, dict]:
+def run_segment(phases: dict[str, Path], out: Path, model: str | None, register: str,
+                extra: tuple[str, ...] = ()) -> tuple[float, float, dict]:
     command = [sys.executable, "-m", "maml.cli", "segment", "--out", str(out), "--register", register,
-               "--device", "cpu"]
+               "--device", "cpu", *extra]
     for name, path in phases.items():
         command += ["--phase", f"{name}={path}"]
     if model:
@@ -53,6 +54,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         phases = {"arterial": SAMPLE / "phantom_arterial.nrrd", "venous": SAMPLE / "phantom_venous.nrrd"}
+        # once to fill the OpenVINO export cache (a one-time cost per model), then the measured run
+        run_segment(phases, tmp / "warm-up", args.model, args.register)
         seconds, peak, stats = run_segment(phases, tmp / "demo", args.model, args.register)
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in stats["timings"].items())
         print(f"demo-size sample case: {seconds:.1f} s wall (process start included); steps: {steps}")
@@ -71,7 +74,10 @@ def main() -> None:
         size = case.images["venous"].GetSize()
         del case
         print(f"full-size phantom {size} generated in {time.perf_counter() - start:.0f} s")
-        seconds, peak, stats = run_segment(full, tmp / "full", args.model, args.register)
+        # The demo model refuses a full-resolution image (its phantoms are 2-2.2 mm): speed and
+        # memory are measured here, not the answer.
+        seconds, peak, stats = run_segment(full, tmp / "full", args.model, args.register,
+                                           ("--accept-out-of-distribution",))
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in stats["timings"].items())
         print(f"full-size case: {seconds:.1f} s wall; steps: {steps}")
         print(f"  peak memory {peak:.2f} GB; ratio to the 8 GB target: {peak / 8:.2f} (target <= 1.0)")
