@@ -145,7 +145,7 @@ def test_ui_loads_with_qt_form_builder_without_unexpected_warnings(tree):
         app.processEvents()
     finally:
         QtCore.qInstallMessageHandler(previous)
-    # Expected noise (shared/notes/ui-check.md): placeholders lack the MRML signal/slot and CTK's set
+    # Expected noise of QUiLoader without Slicer: placeholders lack the MRML signal/slot and CTK's set
     # types; everything else is a real mistake.
     mrml = "|".join(n for n, c in ui_widgets(tree).items() if c.startswith("qMRML") or c == "qMRMLWidget")
     expected = re.compile(r"defaulting to base class|:/Icons"
