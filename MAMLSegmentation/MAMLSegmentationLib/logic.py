@@ -205,24 +205,7 @@ class SegmentationRun(EngineRun):
         if self.tempDir is not None and self.tempDir.exists():
             shutil.rmtree(self.tempDir, ignore_errors=True)
 
-    def cancel(self) -> None:
-        if self.state == "running":
-            self.process.cancel()
-            self.poll()
-            if self.state == "running":
-                self._finish()
-
-    def wait(self, progressCallback=None, timeout: float | None = None):
-        """Block until finished; return the result or raise the error."""
-        try:
-            self.process.wait(timeout=timeout, callback=progressCallback)
-        finally:
-            if self.state == "running":
-                self.poll()
-                if self.state == "running":
-                    self._finish()
-        if self.error is not None:
-            raise self.error
+    def _outcome(self):
         return self.result
 
 

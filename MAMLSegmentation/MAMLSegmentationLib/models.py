@@ -153,22 +153,5 @@ class ModelCommandRun(EngineRun):
             self.error = MAMLSegmentationError(f"{self.what} failed: {self.process.errorMessage}")
         self.catalog.refresh()
 
-    def cancel(self) -> None:
-        if self.state == "running":
-            self.process.cancel()
-            self.poll()
-            if self.state == "running":
-                self._finish()
-
-    def wait(self, timeout: float | None = None, progressCallback=None):
-        """Blocks until done (console); returns the installed name or raises the error."""
-        try:
-            self.process.wait(timeout=timeout, callback=progressCallback)
-        finally:
-            if self.state == "running":
-                self.poll()
-                if self.state == "running":
-                    self._finish()
-        if self.error is not None:
-            raise self.error
-        return self.installedName
+    def _outcome(self):
+        return self.installedName  # the installed model's name

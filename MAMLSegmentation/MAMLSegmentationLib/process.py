@@ -238,5 +238,28 @@ class EngineRun:
             self._finish()
         return events
 
+    def cancel(self) -> None:
+        if self.state == "running":
+            self.process.cancel()
+            self.poll()
+            if self.state == "running":
+                self._finish()
+
+    def wait(self, progressCallback=None, timeout: float | None = None):
+        """Block until finished; return the outcome (``_outcome``) or raise the error."""
+        try:
+            self.process.wait(timeout=timeout, callback=progressCallback)
+        finally:
+            if self.state == "running":
+                self.poll()
+                if self.state == "running":
+                    self._finish()
+        if self.error is not None:
+            raise self.error
+        return self._outcome()
+
     def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _outcome(self):
         raise NotImplementedError
