@@ -1,4 +1,4 @@
-"""The out-of-distribution check's parts (maml.domain, maml.fingerprint) on hand-made measurements."""
+"""The out-of-distribution check's parts (maml.domain, maml.training.fingerprint) on hand-made measurements."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 from engine_helpers import tiny_config
 from maml import domain
-from maml.fingerprint import build_fingerprint
+from maml.training.fingerprint import build_fingerprint
 
 
 def test_shrunk_covariance_is_ledoit_wolf_and_well_conditioned_with_few_samples():

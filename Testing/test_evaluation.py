@@ -184,7 +184,7 @@ def test_evaluate_model_scores_every_head(tmp_path):
     import torch
 
     from engine_helpers import tiny_config
-    from maml.data import config_for_dataset, read_dataset
+    from maml.training.dataset import config_for_dataset, read_dataset
     from maml.model import save_checkpoint
     from maml.network import MAMLNet
     from test_training import write_tiny_dataset

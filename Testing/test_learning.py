@@ -10,7 +10,7 @@ import torch
 
 from engine_helpers import tiny_config
 from maml.inference import SlidingWindowOptions, sliding_window_predict
-from maml.losses import MutualLearningLoss
+from maml.training.losses import MutualLearningLoss
 from maml.network import MAMLNet
 
 SHAPE = (16, 32, 32)

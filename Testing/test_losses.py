@@ -1,4 +1,4 @@
-"""maml.losses: Dice + CE against hand-computed values, deep-supervision weights, the mutual-learning
+"""maml.training.losses: Dice + CE against hand-computed values, deep-supervision weights, the mutual-learning
 combination (paper and published-code weighting, missing fused path), gradients to every part."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from maml.losses import (
+from maml.training.losses import (
     LossBreakdown,
     MAMLOutputLike,
     MutualLearningLoss,

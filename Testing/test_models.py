@@ -492,7 +492,7 @@ def test_card_of_metadata_holding_tensors_is_plain_json(tmp_path, capsys):
 
 
 def test_maml_train_writes_the_cards_of_its_checkpoints(tmp_path):
-    from maml.training import train
+    from maml.training.trainer import train
     from test_training import tiny_model_config, tiny_options, write_tiny_dataset
 
     dataset = write_tiny_dataset(tmp_path / "Dataset001_Tiny", n_cases=3)

@@ -1,4 +1,4 @@
-"""maml.data, maml.training and `maml train` on tiny generated nnU-Net data sets (CPU)."""
+"""maml.training.dataset, maml.training and `maml train` on tiny generated nnU-Net data sets (CPU)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ import torch
 from engine_helpers import tiny_config
 from maml.cli import main as cli_main
 from maml.config import ModelConfig
-from maml.data import (PatchDataset, PreprocessedCache, build_augmentation, config_for_dataset,
-                       crop_patch, read_dataset, split_cases)
+from maml.training.dataset import PreprocessedCache, config_for_dataset, read_dataset, split_cases
+from maml.training.loading import PatchDataset, build_augmentation, crop_patch
 from maml.errors import InputError
 from maml.model import load_model
-from maml.training import (STATE_FILE, TrainingOptions, load_state, poly_lr, read_log, train)
+from maml.training.logs import read_log
+from maml.training.options import TrainingOptions, poly_lr
+from maml.training.state import STATE_FILE, load_state
+from maml.training.trainer import train
 
 SPACING_ZYX = (2.0, 1.5, 1.5)  # tiny_config's spacing: the cache resamples nothing
 SHAPE = (12, 24, 24)

@@ -66,7 +66,7 @@ def main() -> None:
 
     import torch
 
-    from maml.data import read_dataset
+    from maml.training.dataset import read_dataset
     from maml.model import load_model
 
     torch.set_num_threads(1)

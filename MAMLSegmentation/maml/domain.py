@@ -1,7 +1,7 @@
 """Know when not to answer: is this image like the model's training data, and is the output plausible?
 
 A checkpoint carries a training fingerprint (``metadata["fingerprint"]``, computed by
-:mod:`maml.fingerprint` at the end of training or by ``maml fingerprint``): geometry and intensity
+:mod:`maml.training.fingerprint` at the end of training or by ``maml fingerprint``): geometry and intensity
 ranges of the training cases, output ranges (liver volume, tumor burden), and per phase the mean and
 (shrunk) precision of the deepest encoder features pooled per sliding window, with distance
 thresholds taken from held-out cases. Each ``maml segment`` is checked against it in three places:

@@ -423,7 +423,7 @@ def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: st
     """
     import SimpleITK as sitk
 
-    from .data import load_case_images, read_dataset
+    from .training.dataset import load_case_images, read_dataset
     from .inference import predict_case
     from .model import load_model
 

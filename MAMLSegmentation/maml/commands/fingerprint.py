@@ -33,7 +33,7 @@ def configure(parser) -> None:
 def split_for(model, dataset, args) -> tuple[list[str], list[str]]:
     """The model's own training split: the case ids it recorded, else the options, else the number
     of validation cases it recorded (the last N sorted ids)."""
-    from ..data import split_cases
+    from ..training.dataset import split_cases
     from ..errors import InputError
 
     recorded = model.metadata.get("validation_case_ids")
@@ -50,9 +50,9 @@ def split_for(model, dataset, args) -> tuple[list[str], list[str]]:
 
 
 def run(args) -> int:
-    from ..data import read_dataset
+    from ..training.dataset import read_dataset
     from ..domain import fingerprint_summary
-    from ..fingerprint import compute_fingerprint
+    from ..training.fingerprint import compute_fingerprint
     from ..inference import resolve_device
     from ..model import load_model, save_checkpoint
     from ..runcontrol import ProgressPrinter, reported_run

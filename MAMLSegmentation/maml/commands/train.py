@@ -84,7 +84,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..config import PRESETS, ModelConfig
-    from ..training import default_options, train
+    from ..training.options import default_options
+    from ..training.trainer import train
 
     from ..nnunet_import import config_from_init, parse_init_sources
 

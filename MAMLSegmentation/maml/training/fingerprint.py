@@ -13,14 +13,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .domain import (FINGERPRINT_VERSION, body_percentiles, body_windows, case_distances,
+from ..domain import (FINGERPRINT_VERSION, body_percentiles, body_windows, case_distances,
                      feature_statistics, geometry_of, internal_air_offset_mm, label_volume_ml,
                      mahalanobis, percentiles_of)
-from .errors import InputError
-from .model import LoadedModel
+from ..errors import InputError
+from ..model import LoadedModel
 
 DATA_KINDS = ("synthetic", "clinical")
-
 
 def dataset_data_kind(dataset_root: str | Path) -> str:
     """``data_kind`` of a raw data set: its dataset.json's entry (phantoms say "synthetic"), else
@@ -33,7 +32,6 @@ def dataset_data_kind(dataset_root: str | Path) -> str:
         return "clinical"
     kind = meta.get("data_kind", "clinical")
     return kind if kind in DATA_KINDS else "clinical"
-
 
 def _raw_geometries(dataset, case: str) -> list[dict]:
     import SimpleITK as sitk
@@ -48,7 +46,6 @@ def _raw_geometries(dataset, case: str) -> list[dict]:
                            "extent_mm": [s * n for s, n in zip(spacing, size)]})
     return geometries
 
-
 def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
                  device: str = "cpu") -> dict[str, Any]:
     """Everything the fingerprint pools from one case: raw geometry per phase, intensities in the
@@ -56,9 +53,9 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
     pooled bottleneck features of every window."""
     import SimpleITK as sitk
 
-    from .data import load_case_images
-    from .inference import SlidingWindowOptions, window_alignment, window_bottleneck_features
-    from .preprocessing import preprocess_phases
+    from .dataset import load_case_images
+    from ..inference import SlidingWindowOptions, window_alignment, window_bottleneck_features
+    from ..preprocessing import preprocess_phases
 
     config = model.config
     images, label = load_case_images(dataset, config, case, register)
@@ -95,10 +92,8 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
         "phases": case_input.phases,
     }
 
-
 def _range(values: Sequence[float]) -> list[float]:
     return [float(np.min(values)), float(np.max(values))]
-
 
 def build_fingerprint(train: Sequence[dict], calibration: Sequence[dict], phases: Sequence[str],
                       data_kind: str, dataset_name: str) -> dict[str, Any]:
@@ -156,7 +151,6 @@ def build_fingerprint(train: Sequence[dict], calibration: Sequence[dict], phases
         "features": features,
     }
 
-
 def compute_fingerprint(model: LoadedModel, dataset_dir: str | Path, train_cases: Sequence[str],
                         calibration_cases: Sequence[str], register: str | None = None,
                         calibration_dataset_dir: str | Path | None = None,
@@ -165,7 +159,7 @@ def compute_fingerprint(model: LoadedModel, dataset_dir: str | Path, train_cases
                         progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """The fingerprint of ``model`` from its training cases, with distance limits from
     ``calibration_cases`` of the same data set and every case of ``calibration_dataset_dir``."""
-    from .data import read_dataset
+    from .dataset import read_dataset
 
     dataset = read_dataset(dataset_dir)
     jobs = [(dataset, case, register, "train") for case in train_cases]

@@ -21,24 +21,22 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from .config import NORMALIZATION_SCHEMES, Label, ModelConfig
-from .errors import InputError
-from .io import atomic_path, write_text_atomic
+from ..config import NORMALIZATION_SCHEMES, Label, ModelConfig
+from ..errors import InputError
+from ..io import atomic_path, write_text_atomic
 
 CACHE_VERSION = 1
 MAX_FOREGROUND_SAMPLES = 10000  # per class and case, as nnU-Net
 CHANNEL_NAME_NORMALIZATION = {"ct": "ct_dataset", "nonorm": "none", "zscore": "mr", "mr": "mr", "t1": "mr",
                               "t2": "mr", "flair": "mr", "t1ce": "mr", "t1gd": "mr"}
 
-
 # --------------------------------------------------------------------------------------------------
 # The raw data set
 # --------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class RawDataset:
@@ -55,7 +53,6 @@ class RawDataset:
 
     def label_file(self, case: str) -> Path:
         return self.root / "labelsTr" / f"{case}{self.file_ending}"
-
 
 def read_dataset(root: str | Path) -> RawDataset:
     """Reads dataset.json and lists the training cases; any missing file is an error naming it."""
@@ -108,14 +105,12 @@ def read_dataset(root: str | Path) -> RawDataset:
                 raise InputError(f"data set {root}: case {case!r} has no image {path.name} in imagesTr")
     return dataset
 
-
 def phase_names(dataset: RawDataset) -> list[str]:
     """Phase names from the channel names; repeated names (e.g. "CT", "CT") get the channel number."""
     names = dataset.channel_names
     if len(set(names)) == len(names):
         return list(names)
     return [f"{name}_{index}" for index, name in enumerate(names)]
-
 
 def config_for_dataset(base: ModelConfig, dataset: RawDataset, normalization: str | None = None
                        ) -> ModelConfig:
@@ -153,7 +148,6 @@ def config_for_dataset(base: ModelConfig, dataset: RawDataset, normalization: st
     config.validate()
     return config
 
-
 def split_cases(cases: Sequence[str], fold: int | str = 0, n_folds: int = 5,
                 val_cases: int | None = None) -> tuple[list[str], list[str]]:
     """(train, validation) from sorted case ids.
@@ -179,11 +173,9 @@ def split_cases(cases: Sequence[str], fold: int | str = 0, n_folds: int = 5,
     val = [cases[i] for i in blocks[fold]]
     return [c for c in cases if c not in val], val
 
-
 # --------------------------------------------------------------------------------------------------
 # Preprocessing cache
 # --------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class CaseData:
@@ -199,7 +191,6 @@ class CaseData:
     def label_file(self) -> Path:
         return Path(self.meta["label_file"])
 
-
 def cache_plan(config: ModelConfig, dataset: RawDataset, register: str | None) -> dict:
     return {
         "version": CACHE_VERSION,
@@ -213,25 +204,20 @@ def cache_plan(config: ModelConfig, dataset: RawDataset, register: str | None) -
         "register": register,
     }
 
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as temporary, open(temporary, "wb") as stream:
         np.save(stream, array)
-
 
 def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as temporary, open(temporary, "wb") as stream:
         np.savez(stream, **arrays)
 
-
 def _source_stamp(paths: Sequence[Path]) -> list[list]:
     return [[str(p), p.stat().st_size, int(p.stat().st_mtime_ns)] for p in paths]
-
 
 def case_seed(case: str) -> int:
     """A seed fixed by the case id: per-case sampling does not depend on case order or rank."""
     return int.from_bytes(hashlib.sha256(case.encode()).digest()[:4], "little")
-
 
 def foreground_locations(seg: np.ndarray, classes: Sequence[int], seed: int = 0,
                          max_samples: int = MAX_FOREGROUND_SAMPLES) -> dict[int, np.ndarray]:
@@ -245,7 +231,6 @@ def foreground_locations(seg: np.ndarray, classes: Sequence[int], seed: int = 0,
         out[int(value)] = coords
     return out
 
-
 def load_case_images(dataset: RawDataset, config: ModelConfig, case: str, register: str | None = None):
     """{phase: image} and the label image of one case, all on one grid.
 
@@ -254,7 +239,7 @@ def load_case_images(dataset: RawDataset, config: ModelConfig, case: str, regist
     """
     import SimpleITK as sitk
 
-    from .preprocessing import check_same_grid
+    from ..preprocessing import check_same_grid
 
     def read(path: Path, what: str):
         try:
@@ -293,7 +278,7 @@ def load_case_images(dataset: RawDataset, config: ModelConfig, case: str, regist
                                                    reference)
         else:
             try:
-                from .registration import register as register_images
+                from ..registration import register as register_images
             except ImportError as error:
                 raise InputError(f"--register {register}: maml.registration cannot be imported "
                                  f"({error}); use --register {TRANSFORMS} with transform files or "
@@ -303,14 +288,11 @@ def load_case_images(dataset: RawDataset, config: ModelConfig, case: str, regist
         check_same_grid({reference_phase: reference, phase: images[phase]})
     return images, label
 
-
 TRANSFORMS = "transforms"
-
 
 def transform_file(dataset: RawDataset, case: str, phase: str, reference_phase: str) -> Path:
     """DATASET/transforms/CASE_<phase>_to_<reference>.tfm (as the phantom writes them)."""
     return dataset.root / "transforms" / f"{case}_{phase}_to_{reference_phase}.tfm"
-
 
 def _apply_given_transform(dataset, case, phase, reference_phase, moving, reference):
     """Resamples ``moving`` onto ``reference``'s grid with the data set's transform file, which maps
@@ -333,7 +315,6 @@ def _apply_given_transform(dataset, case, phase, reference_phase, moving, refere
     resampler.UseNearestNeighborExtrapolatorOn()
     return resampler.Execute(moving)
 
-
 def preprocess_case(dataset: RawDataset, config: ModelConfig, case: str, register: str | None = None
                     ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(data (P, z, y, x) float32, seg (z, y, x) uint8, meta) of one case on the model grid.
@@ -343,7 +324,7 @@ def preprocess_case(dataset: RawDataset, config: ModelConfig, case: str, registe
     """
     import SimpleITK as sitk
 
-    from .preprocessing import one_hot, preprocess_phases, resample_probabilities_to_reference
+    from ..preprocessing import one_hot, preprocess_phases, resample_probabilities_to_reference
 
     images, label = load_case_images(dataset, config, case, register)
     try:
@@ -368,7 +349,6 @@ def preprocess_case(dataset: RawDataset, config: ModelConfig, case: str, registe
     }
     return pre.data, seg, meta
 
-
 def dataset_intensity_properties(dataset: RawDataset, config: ModelConfig, cases: Sequence[str],
                                  register: str | None = None, progress: bool = True
                                  ) -> dict[str, dict[str, float]]:
@@ -376,7 +356,7 @@ def dataset_intensity_properties(dataset: RawDataset, config: ModelConfig, cases
     fingerprint: up to MAX_FOREGROUND_SAMPLES voxel values per case and phase, pooled."""
     import SimpleITK as sitk
 
-    from .preprocessing import intensity_properties
+    from ..preprocessing import intensity_properties
 
     phases = [p for p in config.phases if config.normalization[p] == "ct_dataset"]
     if not phases:
@@ -404,7 +384,6 @@ def dataset_intensity_properties(dataset: RawDataset, config: ModelConfig, cases
             raise InputError(f"data set {dataset.root}: the label maps of the training cases have no "
                              f"foreground, so phase {phase!r} has no CT statistics ('ct_dataset')") from None
     return out
-
 
 class PreprocessedCache:
     """The OUT/preprocessed folder."""
@@ -476,150 +455,3 @@ class PreprocessedCache:
             foreground = {int(k.split("_")[1]): archive[k] for k in archive.files}
         meta = json.loads(paths["meta"].read_text())
         return CaseData(case, data, seg, foreground, meta)
-
-
-# --------------------------------------------------------------------------------------------------
-# Patches and augmentation
-# --------------------------------------------------------------------------------------------------
-
-
-def crop_patch(data: np.ndarray, seg: np.ndarray, start: Sequence[int], patch: Sequence[int]
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """The patch at ``start`` (may reach outside the volume: zero padding, label 0)."""
-    shape = seg.shape
-    src, dst = [], []
-    for s, p, n in zip(start, patch, shape):
-        lo, hi = max(s, 0), min(s + p, n)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    image = np.zeros((data.shape[0], *patch), dtype=np.float32)
-    label = np.zeros(tuple(patch), dtype=np.uint8)
-    image[(slice(None), *dst)] = data[(slice(None), *src)]
-    label[tuple(dst)] = seg[tuple(src)]
-    return image, label
-
-
-def patch_start(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator,
-                centre: Sequence[int] | None = None) -> list[int]:
-    """A random start inside the volume, or one centring ``centre`` (clipped to the volume)."""
-    starts = []
-    for axis, (n, p) in enumerate(zip(shape, patch)):
-        high = n - p
-        if high <= 0:  # volume smaller than the patch: centre it (padding both sides)
-            starts.append(high // 2)
-        elif centre is None:
-            starts.append(int(rng.integers(0, high + 1)))
-        else:
-            starts.append(int(np.clip(int(centre[axis]) - p // 2, 0, high)))
-    return starts
-
-
-def build_augmentation(level: str = "default", spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)):
-    """MONAI dictionary transforms on {"image": (P, z, y, x), "label": (1, z, y, x)}.
-
-    "default": rotation (+-30 deg in plane; out of plane too when the spacing is near isotropic),
-    scaling 0.75-1.25, elastic deformation, gamma, brightness, Gaussian noise, mirroring on every
-    axis; the label is resampled by nearest neighbour with the same random parameters. "light":
-    mirroring, gamma and noise only (cheapest). "none": nothing.
-    """
-    from monai.transforms import (Compose, Rand3DElasticd, RandAdjustContrastd, RandAffined,
-                                  RandFlipd, RandGaussianNoised, RandScaleIntensityd)
-
-    if level == "none":
-        return None
-    keys = ["image", "label"]
-    flips = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
-    intensity = [
-        RandGaussianNoised("image", prob=0.1, mean=0.0, std=0.1),
-        RandScaleIntensityd("image", factors=0.25, prob=0.15),
-        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
-    ]
-    if level == "light":
-        return Compose([*intensity, *flips])
-    if level != "default":
-        raise InputError(f"augmentation {level!r} is not one of default, light, none")
-    anisotropic = max(spacing_zyx) / min(spacing_zyx) > 2.0
-    in_plane = np.pi / 6
-    out_of_plane = np.pi / 36 if anisotropic else np.pi / 6
-    # MONAI's first 3D angle rotates within the (y, x) plane of a (z, y, x) array.
-    rotate = (in_plane, out_of_plane, out_of_plane)
-    spatial = [
-        RandAffined(keys, prob=0.3, rotate_range=rotate, scale_range=(0.25, 0.25, 0.25),
-                    mode=("bilinear", "nearest"), padding_mode="border"),
-        Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(50, 150), prob=0.1,
-                       mode=("bilinear", "nearest"), padding_mode="border"),
-    ]
-    return Compose([*spatial, *intensity, *flips])
-
-
-def _plain(x) -> np.ndarray:
-    """MONAI MetaTensor / torch tensor / array -> plain numpy array."""
-    if hasattr(x, "as_tensor"):
-        x = x.as_tensor()
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def item_seed(*parts: int) -> int:
-    """A 32-bit seed from integers (stable across processes and Python runs)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
-class PatchDataset:
-    """Random training patches; item ``i`` of an epoch is a pure function of (seed, epoch, rank, i).
-
-    1/3 of the patches (``oversample_foreground``) are centred on a random voxel of a random
-    foreground class present in the case (nnU-Net's oversampling); the others are uniform.
-    Works as a ``torch.utils.data.Dataset`` (map-style).
-    """
-
-    def __init__(self, cases: Sequence[CaseData], patch_size: Sequence[int], length: int,
-                 seed: int = 0, rank: int = 0, oversample_foreground: float = 1 / 3,
-                 augmentation: Callable | None = None):
-        if not cases:
-            raise InputError("no training cases")
-        self.cases = list(cases)
-        self.patch_size = [int(p) for p in patch_size]
-        self.length = int(length)
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.oversample_foreground = float(oversample_foreground)
-        self.augmentation = augmentation
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
-        """The raw (unaugmented) patch of an item and how it was chosen."""
-        rng = np.random.default_rng(item_seed(self.seed, self.epoch, self.rank, index))
-        case = self.cases[int(rng.integers(len(self.cases)))]
-        centre = None
-        force = rng.random() < self.oversample_foreground
-        chosen_class = None
-        if force:
-            present = [k for k, coords in case.foreground.items() if len(coords)]
-            if present:
-                chosen_class = present[int(rng.integers(len(present)))]
-                coords = case.foreground[chosen_class]
-                centre = coords[int(rng.integers(len(coords)))]
-        start = patch_start(case.seg.shape, self.patch_size, rng, centre)
-        image, label = crop_patch(case.data, case.seg, start, self.patch_size)
-        return image, label, {"case": case.case_id, "start": start, "class": chosen_class,
-                              "aug_seed": int(rng.integers(2**31 - 1))}
-
-    def __getitem__(self, index: int):
-        import torch
-
-        image, label, info = self.sample(index)
-        if self.augmentation is not None:
-            self.augmentation.set_random_state(seed=info["aug_seed"])
-            out = self.augmentation({"image": image, "label": label[None]})
-            image = _plain(out["image"]).astype(np.float32, copy=False)
-            label = np.rint(_plain(out["label"])[0]).astype(np.uint8)
-        return (torch.from_numpy(np.ascontiguousarray(image)),
-                torch.from_numpy(np.ascontiguousarray(label[None]).astype(np.int64)))

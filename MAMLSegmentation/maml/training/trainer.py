@@ -2,7 +2,7 @@
 
 What a run writes to OUT (rank 0 only):
 
-- ``preprocessed/``: the cache of resampled, normalised cases (:mod:`maml.data`), reused on resume.
+- ``preprocessed/``: the cache of resampled, normalised cases (:mod:`maml.training.dataset`), reused on resume.
 - ``checkpoint_latest.pt`` / ``checkpoint_best.pt``: models in the maml checkpoint format
   (:func:`maml.model.save_checkpoint`), loadable by ``maml info`` and inference. "best" is the
   epoch with the highest validation mean foreground Dice of the fused head.
@@ -15,7 +15,7 @@ What a run writes to OUT (rank 0 only):
   paper's Tables 1 and 2 from one run).
 
 Determinism: the network is initialised from the seed; patch ``i`` of epoch ``e`` on rank ``r`` is a
-pure function of (seed, e, r, i) (:class:`maml.data.PatchDataset`), modality dropout of (seed, e,
+pure function of (seed, e, r, i) (:class:`maml.training.dataset.PatchDataset`), modality dropout of (seed, e,
 iteration); the learning rate is a function of the epoch. So ``--resume`` replays the remaining
 epochs exactly as an uninterrupted run would (on the same hardware and thread count).
 
@@ -28,392 +28,38 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timedelta, timezone
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .config import ModelConfig
-from .data import (CaseData, PatchDataset, PreprocessedCache, build_augmentation,
-                   config_for_dataset, dataset_intensity_properties, item_seed, read_dataset,
-                   split_cases)
-from .errors import InputError, MAMLError
+from .. import __version__
+from ..config import ModelConfig
+from ..errors import InputError, MAMLError
+from ..io import write_text_atomic
+from ..model import save_checkpoint
+from ..network import MAMLNet
+from .dataset import (PreprocessedCache, config_for_dataset, dataset_intensity_properties, read_dataset, split_cases)
+from .loading import PatchDataset, build_augmentation, item_seed
 from .fingerprint import dataset_data_kind
-from .evaluation import evaluate_arrays
-from .io import atomic_path, write_text_atomic
 from .losses import MutualLearningLoss
-from .model import save_checkpoint
-from .network import MAMLNet, WindowOutput, window_output
-
-STATE_FORMAT = "maml-training-state"
-STATE_VERSION = 1
-STATE_FILE = "training_state.pt"
-
-OPTIMIZERS = ("adam", "sgd")
-AUGMENTATIONS = ("default", "light", "none")
-
-# Options a user may change when resuming; everything else is taken from the saved state.
-RESUMABLE_OVERRIDES = ("epochs", "device", "num_workers", "val_every", "amp", "threads")
-
-
-@dataclass
-class TrainingOptions:
-    """How to train (the model itself is described by :class:`maml.config.ModelConfig`)."""
-
-    epochs: int = 600
-    iterations_per_epoch: int = 250
-    batch_size: int = 2
-    optimizer: str = "adam"  # "adam" (paper) or "sgd" (published code / nnU-Net)
-    learning_rate: float | None = None  # default: 3e-4 (adam), 1e-2 (sgd)
-    weight_decay: float = 3e-5
-    momentum: float = 0.99  # sgd: Nesterov momentum
-    poly_exponent: float = 0.9
-    grad_clip: float = 12.0
-    loss_variant: str = "paper"  # "paper" (lambda 0.5) or "code" (MutualLearningLoss.published_code)
-    lambda_intra: float | None = None
-    modality_dropout: float = 0.0  # probability that an iteration trains one random phase alone
-    oversample_foreground: float = 1 / 3
-    augmentation: str = "default"
-    fold: str = "0"  # "0".."4" or "all"
-    n_folds: int = 5
-    val_cases: int | None = None
-    val_every: int = 1
-    val_overlap: float = 0.5
-    val_batch_size: int = 2
-    seed: int = 12345
-    device: str = "auto"
-    amp: bool = True  # only where CUDA is used
-    channels_last: bool = True  # only where CUDA is used
-    num_workers: int = 0
-    threads: int | None = None
-    register: str | None = None
-    normalization: str | None = None
-    data_kind: str | None = None  # "synthetic" | "clinical"; default: the data set's dataset.json
-
-    def lr(self) -> float:
-        if self.learning_rate is not None:
-            return float(self.learning_rate)
-        return 3e-4 if self.optimizer == "adam" else 1e-2
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
-        if self.augmentation not in AUGMENTATIONS:
-            raise InputError(f"augmentation {self.augmentation!r} is not one of {AUGMENTATIONS}")
-        if self.loss_variant not in ("paper", "code"):
-            raise InputError(f"loss variant {self.loss_variant!r} is not 'paper' or 'code'")
-        for name in ("epochs", "iterations_per_epoch", "batch_size", "val_every"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name.replace('_', ' ')} must be at least 1")
-        if not 0.0 <= self.modality_dropout <= 1.0:
-            raise InputError("modality dropout must be a probability in [0, 1]")
-        if not 0.0 <= self.oversample_foreground <= 1.0:
-            raise InputError("foreground oversampling must be a fraction in [0, 1]")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainingOptions":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-# Per preset: the paper trains 600 epochs with Adam 3e-4; the published code is nnU-Net's
-# 1000 x 250 iterations with SGD; the demo fits about an hour on two CPU cores.
-PRESET_OPTIONS: dict[str, dict[str, Any]] = {
-    "paper": {"epochs": 600, "iterations_per_epoch": 250, "batch_size": 2},
-    "code": {"epochs": 1000, "iterations_per_epoch": 250, "batch_size": 2, "optimizer": "sgd",
-             "loss_variant": "code"},
-    "demo": {"epochs": 120, "iterations_per_epoch": 25, "batch_size": 2, "learning_rate": 1e-3,
-             "oversample_foreground": 0.5, "val_every": 6, "val_overlap": 0.25, "threads": 1,
-             "num_workers": 1},
-}
-
-
-def default_options(preset: str | None, **overrides) -> TrainingOptions:
-    values = dict(PRESET_OPTIONS.get(preset or "", {}))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    options = TrainingOptions.from_dict(values)
-    options.validate()
-    return options
-
-
-def poly_lr(initial: float, epoch: int, total: int, exponent: float = 0.9) -> float:
-    """nnU-Net's PolyLRScheduler: initial * (1 - epoch / total) ** exponent."""
-    return initial * (1.0 - min(epoch, total) / total) ** exponent
-
-
-# --------------------------------------------------------------------------------------------------
-# Distributed setup
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialised_here: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.initialised_here and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def setup_distributed(device: torch.device) -> Distributed:
-    """Joins the process group when started by torchrun (WORLD_SIZE > 1), else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    import torch.distributed as dist
-
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    here = False
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=timedelta(hours=3))
-        here = True
-    return Distributed(rank, world, local_rank, here)
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------
-
-
-class AllHeads(nn.Module):
-    """Adapter for :func:`maml.inference.sliding_window_predict`: one pass gives the fused head's and
-    every phase head's probabilities, stacked on the class axis (fused first, then phases in order),
-    so a validation costs one forward pass per window instead of one per head."""
-
-    def __init__(self, net: MAMLNet):
-        super().__init__()
-        self.net = net
-        self.phases = list(net.phases)
-        self.heads = ["fused", *self.phases]
-        self.num_classes = net.num_classes * len(self.heads)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, phases: Sequence[str] | None = None) -> WindowOutput:
-        out = self.net(x)
-        window = window_output(out)
-        probabilities = [window.probabilities]
-        probabilities += [torch.softmax(out.phase_logits[p][0].float(), 1) for p in self.phases]
-        return window._replace(probabilities=torch.cat(probabilities, 1))
-
-
-def validate(net: MAMLNet, cases: Sequence[CaseData], config: ModelConfig, device: torch.device,
-             overlap: float = 0.5, batch_size: int = 2, progress: bool = False) -> dict[str, Any]:
-    """Full-volume sliding-window inference of each case; metrics in the original label geometry.
-
-    Returns {"cases": {case: {head: {label: metrics}}}, "summary": {head: {label: {metric: mean}}},
-    "mean_foreground_dice": {head: float}} with heads "fused" and each phase name.
-    """
-    import SimpleITK as sitk
-
-    from .inference import SlidingWindowOptions, sliding_window_predict
-    from .preprocessing import Geometry, resample_probabilities_to_reference
-
-    adapter = AllHeads(net)
-    k = config.num_classes
-    labels = {label.name: label.value for label in config.labels if label.value != 0}
-    options = SlidingWindowOptions(patch_size=config.patch_size, overlap=overlap,
-                                   batch_size=batch_size, device=str(device))
-    was_training = net.training
-    net.eval()
-    results: dict[str, dict] = {}
-    iterator = cases
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(cases, desc="validate", unit="case", leave=False)
-    try:
-        for case in iterator:
-            probs = sliding_window_predict(adapter, np.array(case.data), config.phases,
-                                           options).probabilities
-            model_geometry = Geometry.from_dict(case.meta["model_geometry"])
-            label_geometry = Geometry.from_dict(case.meta["label_geometry"])
-            gt = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label_file)))
-            results[case.case_id] = {}
-            for h, head in enumerate(adapter.heads):
-                head_probs = resample_probabilities_to_reference(probs[h * k:(h + 1) * k],
-                                                                 model_geometry, label_geometry)
-                pred = np.argmax(head_probs, axis=0).astype(np.uint8)
-                results[case.case_id][head] = evaluate_arrays(pred, gt, labels,
-                                                              label_geometry.spacing_zyx)
-    finally:
-        net.train(was_training)
-    summary: dict[str, dict] = {}
-    mean_dice = {}
-    for head in adapter.heads:
-        summary[head] = {}
-        for label in labels:
-            summary[head][label] = {}
-            for metric in ("dice", "assd_mm", "assd_voxels", "hd95_mm"):
-                values = np.array([results[c][head][label][metric] for c in results], dtype=float)
-                finite = values[~np.isnan(values)]
-                summary[head][label][metric] = float(finite.mean()) if finite.size else math.nan
-                summary[head][label][metric + "_std"] = float(finite.std()) if finite.size else math.nan
-        mean_dice[head] = float(np.mean([summary[head][l]["dice"] for l in labels]))
-    return {"cases": results, "summary": summary, "mean_foreground_dice": mean_dice}
-
-
-# --------------------------------------------------------------------------------------------------
-# Logs and curves
-# --------------------------------------------------------------------------------------------------
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_logs(out_dir: Path, rows: list[dict]) -> None:
-    """log.jsonl and log.csv from all rows (rewritten atomically: a resume drops replayed epochs)."""
-    import csv
-    import io
-
-    write_text_atomic(out_dir / "log.jsonl",
-                      "".join(json.dumps({k: _finite(v) for k, v in r.items()}) + "\n" for r in rows))
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    stream = io.StringIO()
-    writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    write_text_atomic(out_dir / "log.csv", stream.getvalue())
-
-
-def read_log(out_dir: Path) -> list[dict]:
-    path = out_dir / "log.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line of a killed run
-    return rows
-
-
-def plot_curves(out_dir: Path, rows: list[dict], phases: Sequence[str], labels: Sequence[str]) -> Path:
-    """training_curves.png: losses, validation Dice per head and label, learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = out_dir / "training_curves.png"
-    epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    ax = axes[0]
-    for key, style in [("train_loss", "-"), ("train_joint", "--")] + [
-            (f"train_intra_{p}", ":") for p in phases]:
-        values = [r.get(key) for r in rows]
-        if any(v is not None for v in values):
-            ax.plot(epochs, [np.nan if v is None else v for v in values], style,
-                    label=key.replace("train_", ""))
-    ax.set_title("training loss (Dice + CE)")
-    ax.set_xlabel("epoch")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    heads = ["fused", *phases]
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
-    for h, head in enumerate(heads):
-        for l, label in enumerate(labels):
-            key = f"val_dice_{head}_{label}"
-            points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), styles[h % 4], color=colours[l % len(colours)], marker=".",
-                        label=f"{head} {label}")
-    ax.set_title("validation Dice (fused and per-phase heads)")
-    ax.set_xlabel("epoch")
-    ax.set_ylim(0, 1)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    ax = axes[2]
-    ax.plot(epochs, [r.get("lr") for r in rows])
-    ax.set_title("learning rate")
-    ax.set_xlabel("epoch")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as temporary:
-            fig.savefig(temporary, dpi=90, format="png")
-    finally:
-        plt.close(fig)
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
-# State files
-# --------------------------------------------------------------------------------------------------
-
-
-def save_state(path: Path, payload: dict) -> None:
-    with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
-
-
-def load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise MAMLError(f"training state {path} cannot be read: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise MAMLError(f"{path} is not a maml training state")
-    if state.get("version", 0) > STATE_VERSION:
-        raise MAMLError(f"training state {path} is from a newer maml; update it to resume")
-    return state
-
-
-def _numpy_rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _set_numpy_rng_state(state: dict) -> None:
-    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached"]))
-
+from .distributed import setup_distributed
+from .logs import plot_curves, read_log, write_logs
+from .options import RESUMABLE_OVERRIDES, TrainingOptions, poly_lr
+from .state import (STATE_FILE, STATE_FORMAT, STATE_VERSION, json_ready, numpy_rng_state,
+                    set_numpy_rng_state, load_state, save_state)
+from .validation import validate
 
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
-
 
 class TrainStep(nn.Module):
     """Network + loss as one module, so DistributedDataParallel sees the loss as the output: its
@@ -429,7 +75,6 @@ class TrainStep(nn.Module):
         breakdown = self.loss_fn(self.net(image, phases=phases), target)
         return breakdown.total, breakdown
 
-
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -441,7 +86,6 @@ class TrainResult:
     log: list[dict] = field(default_factory=list)
     iterations_per_second: float | None = None
 
-
 def _flatten_validation(validation: dict, heads: Sequence[str], labels: Sequence[str]) -> dict:
     row = {}
     for head in heads:
@@ -452,7 +96,6 @@ def _flatten_validation(validation: dict, heads: Sequence[str], labels: Sequence
             row[f"val_assd_voxels_{head}_{label}"] = s["assd_voxels"]
             row[f"val_assd_mm_{head}_{label}"] = s["assd_mm"]
     return row
-
 
 def train(
     dataset_dir: str | Path,
@@ -470,7 +113,7 @@ def train(
     """Trains (or resumes) a model; see the module docstring for what is written.
 
     ``config``: a preset or file configuration; its phases, labels and normalisation are adapted to
-    the data set (:func:`maml.data.config_for_dataset`). ``overrides``: names of options the user set
+    the data set (:func:`maml.training.dataset.config_for_dataset`). ``overrides``: names of options the user set
     explicitly; on resume only those in ``RESUMABLE_OVERRIDES`` replace the saved ones.
     ``callback`` is called after every iteration with a dict (epoch, iteration, loss); raising in it
     (e.g. KeyboardInterrupt) cancels. ``stop_after_epochs`` ends this call after that many epochs
@@ -495,7 +138,7 @@ def train(
     if options.threads:
         torch.set_num_threads(int(options.threads))
 
-    from .inference import resolve_device
+    from ..inference import resolve_device
 
     device = resolve_device(options.device)
     dist = setup_distributed(device)
@@ -507,7 +150,6 @@ def train(
                       stop_after_epochs, command, init_from)
     finally:
         dist.close()
-
 
 def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOptions, state, dist,
            device, show, callback, stop_after_epochs, command, init_from=None) -> TrainResult:
@@ -539,7 +181,7 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
     torch.manual_seed(options.seed)
     net = MAMLNet(config)
     if state is None and init_from:
-        from .nnunet_import import initialise_backbones
+        from ..nnunet_import import initialise_backbones
 
         initialise_backbones(net, init_from)  # the MA module and fused head start fresh
     use_cuda = device.type == "cuda"
@@ -567,7 +209,7 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
-        _set_numpy_rng_state(state["rng"]["numpy"])
+        set_numpy_rng_state(state["rng"]["numpy"])
         start_epoch = int(state["epoch"])
         best_metric, best_epoch = state["best_metric"], state["best_epoch"]
         rows = [r for r in read_log(out_dir) if r.get("epoch", 0) <= start_epoch]
@@ -707,17 +349,17 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
                 save_checkpoint(out_dir / "checkpoint_best.pt", net, config, best_meta)
                 if validation is not None:
                     write_text_atomic(out_dir / "validation_best.json",
-                                      json.dumps(_json_ready(dict(validation, epoch=epoch + 1)), indent=1))
+                                      json.dumps(json_ready(dict(validation, epoch=epoch + 1)), indent=1))
             save_checkpoint(out_dir / "checkpoint_latest.pt", net, config, dict(metadata, epoch=epoch + 1))
             if validation is not None:
                 write_text_atomic(out_dir / "validation_latest.json",
-                                  json.dumps(_json_ready(dict(validation, epoch=epoch + 1)), indent=1))
+                                  json.dumps(json_ready(dict(validation, epoch=epoch + 1)), indent=1))
             save_state(out_dir / STATE_FILE, {
                 "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch + 1,
                 "config": config.to_dict(), "options": asdict(options),
                 "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
+                "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()},
                 "best_metric": best_metric, "best_epoch": best_epoch,
                 "train_cases": train_ids, "val_cases": val_ids, "world_size": dist.world_size,
             })
@@ -737,13 +379,12 @@ def _train(dataset_dir, out_dir: Path, config: ModelConfig, options: TrainingOpt
     dist.barrier()
     return TrainResult(out_dir, net, config, last_epoch, best_metric, best_epoch, rows, speed)
 
-
 def add_fingerprint(out_dir: Path, dataset_root: Path, train_ids: Sequence[str],
                     val_ids: Sequence[str], options: TrainingOptions, device, show: bool) -> None:
     """The finished run's checkpoints get the training fingerprint of the best one (maml.domain):
     feature statistics from the training cases, distance limits from the validation cases."""
     from .fingerprint import compute_fingerprint
-    from .model import load_model
+    from ..model import load_model
 
     best = load_model(out_dir / "checkpoint_best.pt", device)
     if show:
@@ -754,13 +395,3 @@ def add_fingerprint(out_dir: Path, dataset_root: Path, train_ids: Sequence[str],
         model = best if name == "checkpoint_best.pt" else load_model(out_dir / name, device)
         save_checkpoint(out_dir / name, model.network, model.config,
                         dict(model.metadata, fingerprint=fingerprint))
-
-
-def _json_ready(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
