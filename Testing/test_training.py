@@ -16,7 +16,8 @@ from engine_helpers import tiny_config
 from maml.cli import main as cli_main
 from maml.config import ModelConfig
 from maml.training.dataset import PreprocessedCache, config_for_dataset, read_dataset, split_cases
-from maml.training.loading import PatchDataset, build_augmentation, crop_patch
+from maml.training.loading import (PatchDataset, build_augmentation, crop_patch, forced_to_foreground,
+                                   region_start, sampled_region_size)
 from maml.errors import InputError
 from maml.model import load_model
 from maml.training.logs import read_log
@@ -168,13 +169,16 @@ def test_cache_is_built_once_and_patches_oversample_foreground(dataset, tmp_path
     assert np.array_equal(case.seg, original)
     assert set(case.foreground) == {1, 2} and len(case.foreground[2]) == (original == 2).sum()
 
-    patches = PatchDataset([case], (4, 6, 6), length=300, seed=1, oversample_foreground=1.0)
+    # nnU-Net's rule: the last third of every batch (at least one sample) is centred on foreground
+    patches = PatchDataset([case], (4, 6, 6), length=300, seed=1, batch_size=3)
     tumor_centred = 0
     for i in range(60):
         image, label, info = patches.sample(i)
         assert image.shape == (2, 4, 6, 6) and label.shape == (4, 6, 6)
+        assert (info["class"] is not None) == (i % 3 == 2)
         tumor_centred += info["class"] == 2 and label[2, 3, 3] == 2
-    assert tumor_centred > 15  # about half centre on a tumor voxel (a random foreground class)
+    assert 4 <= tumor_centred <= 16  # about half of the 20 forced ones pick the tumor class
+    assert forced_to_foreground(1, 2, 1 / 3) and not forced_to_foreground(0, 2, 1 / 3)
     uniform = PatchDataset([case], (4, 6, 6), length=300, seed=1, oversample_foreground=0.0)
     assert all(uniform.sample(i)[2]["class"] is None for i in range(20))
     # items are pure functions of (seed, epoch, rank, index)
@@ -188,30 +192,52 @@ def test_cache_is_built_once_and_patches_oversample_foreground(dataset, tmp_path
 def test_crop_pads_outside_volume():
     data = np.arange(2 * 4 * 5 * 6, dtype=np.float32).reshape(2, 4, 5, 6)
     seg = np.ones((4, 5, 6), np.uint8)
-    image, label = crop_patch(data, seg, (-1, 2, 3), (6, 4, 4))
+    image, label = crop_patch(data, seg, (-1, 2, 3), (6, 4, 4), fill=(-5.0, -7.0), fill_label=-1)
     assert image.shape == (2, 6, 4, 4)
-    assert np.all(image[:, 0] == 0) and np.all(label[0] == 0) and np.all(label[5] == 0)
+    assert np.all(image[0, 0] == -5) and np.all(image[1, 0] == -7)
+    assert np.all(label[0] == -1) and np.all(label[5] == -1)
     assert np.array_equal(image[:, 1:5, :3, :3], data[:, :, 2:5, 3:6])
-    assert np.all(label[1:5, 3:, :] == 0) and np.all(label[1:5, :3, :3] == 1)
+    assert np.all(label[1:5, 3:, :] == -1) and np.all(label[1:5, :3, :3] == 1)
 
 
-def test_augmentation_keeps_labels_and_shapes():
+def test_sampled_region_holds_any_rotation_of_the_patch():
+    assert sampled_region_size((32, 64, 64), "light") == [32, 64, 64]
+    region = sampled_region_size((32, 64, 64))
+    # a 30 degree in-plane turn of 64 x 64 spans 64 (cos 30 + sin 30) = 87.4, over 0.85 -> 102
+    assert region[1] == region[2] == 102 and region[0] > 32
+    flat = sampled_region_size((8, 64, 64))  # anisotropic: rotated in plane only, by up to 180
+    assert flat[0] == 8 and flat[1] == int(64 * 2 ** 0.5 / 0.85)
+    # regions reach past the border by at most half the extra size, on both sides
     rng = np.random.default_rng(0)
-    image = rng.normal(size=(2, 8, 16, 16)).astype(np.float32)
-    label = np.zeros((1, 8, 16, 16), np.uint8)
-    label[0, 2:6, 4:12, 4:12] = 1
-    label[0, 3:5, 6:9, 6:9] = 2
-    transform = build_augmentation("default", (2.0, 1.5, 1.5))
+    starts = np.array([region_start((40, 80, 80), region, (32, 64, 64), rng) for _ in range(300)])
+    assert starts[:, 1].min() == -(102 - 64) // 2 and starts[:, 1].max() == 80 + 19 - 102
+
+
+def test_augmentation_is_nnunets_and_pads_with_air(dataset, tmp_path):
+    raw = read_dataset(dataset)
+    config = config_for_dataset(tiny_model_config(), raw)
+    cache = PreprocessedCache(tmp_path / "pre", config, raw)
+    cache.prepare_folder()
+    cache.build(raw.cases[:1], progress=False)
+    case = cache.load(raw.cases[0])
+    air = [float(case.data[c].min()) for c in range(2)]
+    patch = (8, 16, 16)
+    patches = PatchDataset([case], patch, length=64, seed=2, augmentation=build_augmentation(
+        "default", patch), batch_size=2)
     changed = 0
-    for seed in range(12):
-        transform.set_random_state(seed=seed)
-        out = transform({"image": image.copy(), "label": label.copy()})
-        out_image = np.asarray(out["image"])
-        out_label = np.asarray(out["label"])
-        assert out_image.shape == image.shape and out_label.shape == label.shape
-        assert set(np.unique(out_label).tolist()) <= {0, 1, 2}  # nearest: no blended label values
-        changed += not np.allclose(out_image, image)
-    assert changed >= 10
+    for i in range(32):
+        image, label = patches[i]
+        assert image.shape == (2, *patch) and label.shape == (1, *patch)
+        assert set(torch.unique(label).tolist()) <= {0, 1, 2}  # padding -1 became background
+        plain = PatchDataset([case], patch, length=64, seed=2, batch_size=2).sample(i)[0]
+        changed += image.shape != plain.shape or not np.allclose(image.numpy(), plain[:, :8, :16, :16])
+    assert changed >= 24
+    assert torch.equal(patches[5][0], patches[5][0])  # deterministic per item
+    # a region wholly outside the volume holds air in every phase (not 0, the foreground mean)
+    image, _ = crop_patch(case.data, case.seg, (-100, -100, -100), patch, fill=air, fill_label=-1)
+    assert np.allclose(image[0], air[0]) and np.allclose(image[1], air[1])
+    with pytest.raises(InputError, match="augmentation"):
+        build_augmentation("strong", patch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,7 +265,7 @@ def test_training_reduces_loss_and_writes_everything(dataset, tmp_path):
     assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,")
     png = (out / "training_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
-    for name in ("checkpoint_latest.pt", "checkpoint_best.pt"):
+    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"):
         loaded = load_model(out / name)
         assert loaded.config.phases == ["arterial", "venous"]
         assert [l.name for l in loaded.config.labels] == ["background", "liver", "tumor"]
@@ -259,7 +285,15 @@ def test_training_reduces_loss_and_writes_everything(dataset, tmp_path):
         assert fingerprint["features"][phase]["calibration_mean_limit"] > 0
     assert latest.metadata["fingerprint"]["training_cases"] == fingerprint["training_cases"]
     assert best.describe()["fingerprint"]["calibration_cases"] == 1
-    validation = json.loads((out / "validation_best.json").read_text())
+    # every epoch: pseudo-Dice of every head on fixed validation patches, and its moving average
+    assert all(0.0 <= r["val_pseudo_dice_fused"] <= 1.0 and "val_pseudo_dice_venous_tumor" in r
+               for r in rows)
+    assert rows[1]["val_pseudo_dice_ema_fused"] == pytest.approx(
+        0.9 * rows[0]["val_pseudo_dice_ema_fused"] + 0.1 * rows[1]["val_pseudo_dice_fused"])
+    assert "val_dice_fused_tumor" not in rows[0]  # full volumes only at the end by default
+    final = load_model(out / "checkpoint_final.pt")
+    assert state_dicts_equal(final.network.state_dict(), result.network.state_dict())
+    validation = json.loads((out / "validation_final.json").read_text())
     assert set(validation["cases"]["TINY_004"]) == {"fused", "arterial", "venous"}
     state = load_state(out / STATE_FILE)  # weights_only loading works
     assert state["epoch"] == 4 and state["val_cases"] == ["TINY_004"]

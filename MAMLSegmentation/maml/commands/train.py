@@ -11,7 +11,7 @@ _OPTION_ARGS = {
     "optimizer": "optimizer", "lr": "learning_rate", "weight_decay": "weight_decay",
     "loss": "loss_variant", "lambda_intra": "lambda_intra", "modality_dropout": "modality_dropout",
     "oversample": "oversample_foreground", "augmentation": "augmentation", "fold": "fold",
-    "val_cases": "val_cases", "val_every": "val_every", "seed": "seed", "device": "device",
+    "val_cases": "val_cases", "val_every": "val_every", "val_patches": "val_patches", "seed": "seed", "device": "device",
     "workers": "num_workers", "threads": "threads", "register": "register",
     "normalization": "normalization", "grad_clip": "grad_clip", "data_kind": "data_kind",
 }
@@ -52,8 +52,14 @@ def configure(parser):
                              "the missing-phase heads); default 0")
     parser.add_argument("--oversample", type=float, help="fraction of foreground-centred patches (1/3)")
     parser.add_argument("--augmentation", choices=["default", "light", "none"],
-                        help="default: rotation, scaling, elastic, gamma, brightness, noise, mirroring")
-    parser.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
+                        help="default: nnU-Net v2's pipeline (rotation, scaling, noise, blur, brightness, "
+                             "contrast, low resolution, gamma, mirroring); light: no rotation or "
+                             "scaling; none")
+    parser.add_argument("--val-every", type=int,
+                        help="full-volume validation every N epochs (default 0: only at the end, "
+                             "with the final checkpoint); every epoch validates on fixed patches")
+    parser.add_argument("--val-patches", type=int,
+                        help="fixed validation patches for the per-epoch pseudo-Dice (100)")
     parser.add_argument("--device", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--seed", type=int, help="random seed (default 12345)")
     parser.add_argument("--workers", type=int, help="data loader worker processes (default 0)")

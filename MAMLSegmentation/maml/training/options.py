@@ -6,9 +6,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import InputError
+from .loading import AUGMENTATIONS
 
 OPTIMIZERS = ("adam", "sgd")
-AUGMENTATIONS = ("default", "light", "none")
 
 # Options a user may change when resuming; everything else is taken from the saved state.
 RESUMABLE_OVERRIDES = ("epochs", "device", "num_workers", "val_every", "amp", "threads")
@@ -34,7 +34,8 @@ class TrainingOptions:
     fold: str = "0"  # "0".."4" or "all"
     n_folds: int = 5
     val_cases: int | None = None
-    val_every: int = 1
+    val_every: int = 0  # full-volume validation every N epochs; 0: only at the end
+    val_patches: int = 100  # fixed validation patches for the per-epoch pseudo-Dice (nnU-Net: 50 x 2)
     val_overlap: float = 0.5
     val_batch_size: int = 2
     seed: int = 12345
@@ -59,9 +60,12 @@ class TrainingOptions:
             raise InputError(f"augmentation {self.augmentation!r} is not one of {AUGMENTATIONS}")
         if self.loss_variant not in ("paper", "code"):
             raise InputError(f"loss variant {self.loss_variant!r} is not 'paper' or 'code'")
-        for name in ("epochs", "iterations_per_epoch", "batch_size", "val_every"):
+        for name in ("epochs", "iterations_per_epoch", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be at least 1")
+        for name in ("val_every", "val_patches"):
+            if int(getattr(self, name)) < 0:
+                raise InputError(f"{name.replace('_', ' ')} must not be negative")
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise InputError("modality dropout must be a probability in [0, 1]")
         if not 0.0 <= self.oversample_foreground <= 1.0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -88,3 +88,66 @@ def validate(net: MAMLNet, cases: Sequence[CaseData], config: ModelConfig, devic
                 summary[head][label][metric + "_std"] = float(finite.std()) if finite.size else math.nan
         mean_dice[head] = float(np.mean([summary[head][l]["dice"] for l in labels]))
     return {"cases": results, "summary": summary, "mean_foreground_dice": mean_dice}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pseudo-Dice on fixed validation patches (every epoch, as nnU-Net's online evaluation)
+# --------------------------------------------------------------------------------------------------
+
+
+EMA_WEIGHT = 0.9  # nnU-Net: ema = 0.9 ema + 0.1 new
+
+
+def validation_patches(cases: Sequence[CaseData], patch_size: Sequence[int], count: int,
+                       seed: int, batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` patches of the validation cases, drawn once (the same every epoch) by the training
+    sampler without augmentation, so a third of each batch is foreground as in training."""
+    from .loading import PatchDataset
+
+    if not cases or count < 1:
+        return []
+    sampler = PatchDataset(cases, patch_size, count, seed=seed, rank=10_000,
+                           batch_size=batch_size)
+    return [sampler[i] for i in range(count)]
+
+
+@torch.no_grad()
+def pseudo_dice(net: MAMLNet, patches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                labels: Mapping[str, int], device: torch.device, batch_size: int = 2
+                ) -> dict[str, dict[str, float]]:
+    """Dice of every head over all patches pooled (true and false positives summed over patches
+    before dividing, as nnU-Net does): {head: {label: dice, ..., "mean": mean over labels}}."""
+    heads = ["fused", *net.phases]
+    counts = {h: {name: np.zeros(3) for name in labels} for h in heads}  # tp, fp, fn
+    was_training = net.training
+    net.eval()
+    try:
+        for start in range(0, len(patches), batch_size):
+            chunk = patches[start:start + batch_size]
+            image = torch.stack([c[0] for c in chunk]).to(device)
+            target = torch.stack([c[1][0] for c in chunk]).to(device)
+            out = net(image)
+            logits = {"fused": out.fused_logits, **{p: out.phase_logits[p][0] for p in net.phases}}
+            for head, value in logits.items():
+                pred = value.argmax(1)
+                for name, index in labels.items():
+                    p, t = pred == index, target == index
+                    counts[head][name] += [float((p & t).sum()), float((p & ~t).sum()),
+                                           float((~p & t).sum())]
+    finally:
+        net.train(was_training)
+    result = {}
+    for head in heads:
+        dice = {}
+        for name, (tp, fp, fn) in counts[head].items():
+            dice[name] = float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) else math.nan
+        finite = [v for v in dice.values() if not math.isnan(v)]
+        dice["mean"] = float(np.mean(finite)) if finite else math.nan
+        result[head] = dice
+    return result
+
+
+def exponential_moving_average(previous: float | None, value: float) -> float:
+    if previous is None or not math.isfinite(previous):
+        return value
+    return EMA_WEIGHT * previous + (1.0 - EMA_WEIGHT) * value
