@@ -18,13 +18,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# The pinned CPU build first, unless a torch (a user's CUDA build) is already there.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
-	# cpu-fast: OpenVINO (numpy, no torch), so the suite covers both inference backends.
-	$(PIP) install -q -e ".[test,cpu-fast]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	# cpu-fast: OpenVINO (numpy, no torch), so the suite covers both inference backends; train:
+	# nnU-Net's augmentation library, held to the torch already here.
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[test,cpu-fast,train]"
 	# nnU-Net's network package, for the fidelity tests; its deps would replace torch.
 	$(PIP) install -q --no-deps $(DNA_PIN)
 	# nnU-Net v2 itself, for the import-nnunet tests (they train and predict with it), held to the
 	# torch already here; the torchvision and timm it pulls do not work with the CPU torch.
-	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt $(NNUNET_PIN)
 	$(PIP) uninstall -q -y torchvision timm
 	touch $@

@@ -96,12 +96,39 @@ def test_bad_phase_names_and_channel_counts_are_input_errors():
         net(torch.randn(1, 2, 8, 16, 16), ["venous", "venous"])
 
 
-def test_published_code_variant_of_ma_module():
+def test_ma_module_variants():
     paper = MAMLNet(tiny_config(ma_variant="paper"))
+    linear = MAMLNet(tiny_config(ma_variant="paper-linear"))
     code = MAMLNet(tiny_config(ma_variant="code"))
+    kinds = [type(m).__name__ for m in paper.fusion.attention["venous"]]
+    # the paper: each convolution followed by instance norm and leaky ReLU, then the sigmoid
+    assert kinds == ["Conv3d", "InstanceNorm3d", "LeakyReLU", "Conv3d", "InstanceNorm3d",
+                     "LeakyReLU", "Sigmoid"]
     assert paper.fusion.attention["venous"][3].kernel_size == (1, 1, 1)
+    assert [type(m).__name__ for m in linear.fusion.attention["venous"]][3:] == ["Conv3d", "Sigmoid"]
     assert code.fusion.attention["venous"][3].kernel_size == (3, 3, 3)
     assert paper.fused_head.bias is not None and code.fused_head.bias is None
+    assert linear.fused_head.bias is not None
+
+
+def test_checkpoints_from_before_the_normalised_attention_load_unchanged(tmp_path):
+    """A "paper" checkpoint without the second norm's weights is the paper-linear form."""
+    from maml.model import load_model, save_checkpoint
+
+    config = tiny_config(ma_variant="paper-linear")
+    net = MAMLNet(config)
+    old = tiny_config(ma_variant="paper-linear")
+    old.network.ma_variant = "paper"  # what such a checkpoint's configuration says
+    save_checkpoint(tmp_path / "old.pt", net, old, {})
+    loaded = load_model(tmp_path / "old.pt")
+    assert loaded.config.network.ma_variant == "paper-linear"
+    x = torch.randn(1, 2, *config.patch_size)
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.network(x).fused_logits, net(x).fused_logits)
+    fresh = MAMLNet(tiny_config(ma_variant="paper"))
+    save_checkpoint(tmp_path / "new.pt", fresh, tiny_config(ma_variant="paper"), {})
+    assert load_model(tmp_path / "new.pt").config.network.ma_variant == "paper"
 
 
 @pytest.mark.parametrize("make_config", [tiny_config, demo_config], ids=["tiny", "demo-anisotropic"])

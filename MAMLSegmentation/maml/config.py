@@ -18,7 +18,7 @@ from .errors import ModelError
 # (clip and z-score with the foreground statistics of the training set, ``intensity_properties``).
 NORMALIZATION_SCHEMES = ("ct", "ct_dataset", "mr", "none")
 INTENSITY_PROPERTY_KEYS = ("low", "high", "mean", "std")
-MA_VARIANTS = ("paper", "code")
+MA_VARIANTS = ("paper", "paper-linear", "code")
 # What sliding-window inference averages over mirrored copies, overlapping windows and ensemble
 # members: class probabilities (MAML's own models) or logits, softmax once at the end (nnU-Net v2's
 # predictor, kept for imported nnU-Net models so that their results equal nnU-Net's own).
@@ -45,8 +45,11 @@ FINAL_UPSAMPLING = ("transpose", "trilinear")
 class NetworkConfig:
     """Topology of each phase's nnU-Net v2 PlainConvUNet and of the MA fusion.
 
-    ``ma_variant``: "paper" (f_a = conv3x3x3 + IN + LeakyReLU, then conv1x1x1; paper eq. 1-2) or
-    "code" (the published code: second conv 3x3x3, fused head without bias). The MA module works on
+    ``ma_variant``: "paper" (f_a = conv3x3x3 and conv1x1x1, each followed by instance norm and
+    leaky ReLU, as the paper states, then the sigmoid; eq. 1-2), "paper-linear" (the 1x1x1
+    convolution feeds the sigmoid directly: this project's models before version 2 of the MA
+    module, kept so they load unchanged) or "code" (the published code: second conv 3x3x3, fused
+    head without bias). The MA module works on
     ``base_features`` channels, the width of each backbone's last decoder stage (C).
     """
 

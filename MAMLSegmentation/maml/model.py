@@ -165,6 +165,16 @@ def _unpickling_refusal(path: Path, torch_message: str) -> str:
             f"{f' ({operand.group(0)})' if operand else ''}; it was not loaded")
 
 
+def _recognise_linear_attention(config: ModelConfig, state_dict) -> None:
+    """Models saved before the MA module followed its 1x1x1 convolution with instance norm and
+    leaky ReLU say "paper" but have no weights for that norm: they are the "paper-linear" form."""
+    if config.network.ma_variant != "paper" or len(config.phases) < 2 or not hasattr(state_dict, "keys"):
+        return
+    norms = [k for k in state_dict.keys() if ".attention." in k and k.endswith(".4.weight")]
+    if not norms:
+        config.network.ma_variant = "paper-linear"
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     path = Path(path)
     payload = read_checkpoint(path)
@@ -172,6 +182,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         config = ModelConfig.from_dict(payload["config"])
     except ModelError as error:
         raise ModelError(f"model file {path}: {error}") from error
+    _recognise_linear_attention(config, payload.get("state_dict", {}))
     size = payload.get("ensemble_size", 1)
     if not isinstance(size, int) or size < 1:
         raise ModelError(f"model file {path} has an invalid ensemble size {size!r}")

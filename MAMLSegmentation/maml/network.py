@@ -137,22 +137,19 @@ def he_init(module: nn.Module) -> None:
 
 
 class ModalityAwareFusion(nn.Module):
-    """The MA module (paper eq. 1-2): F_att = sum_i sigmoid(f_a,i([F_dual; F_i])) * F_i."""
+    """The MA module (paper eq. 1-2): F_att = sum_i sigmoid(f_a,i([F_dual; F_i])) * F_i.
+
+    f_a,i: conv3x3x3 + instance norm + leaky ReLU, then conv1x1x1 (3x3x3 in the published code),
+    followed by instance norm + leaky ReLU too in the "paper" variant ("each convolutional layer is
+    followed by an instance normalization and a leaky ReLU"); "paper-linear" and "code" feed the
+    second convolution's output to the sigmoid directly.
+    """
 
     def __init__(self, phases: Sequence[str], channels: int, variant: str):
         super().__init__()
         self.dual = nn.Conv3d(len(phases) * channels, channels, 3, 1, 1)
-        second_kernel = 1 if variant == "paper" else 3
-        self.attention = nn.ModuleDict({
-            phase: nn.Sequential(
-                nn.Conv3d(2 * channels, channels, 3, 1, 1),
-                nn.InstanceNorm3d(channels, eps=1e-5, affine=True),
-                nn.LeakyReLU(1e-2, inplace=True),
-                nn.Conv3d(channels, channels, second_kernel, 1, (second_kernel - 1) // 2),
-                nn.Sigmoid(),
-            )
-            for phase in phases
-        })
+        self.attention = nn.ModuleDict({phase: _attention_layers(channels, variant)
+                                        for phase in phases})
 
     def forward(self, features: Mapping[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -161,6 +158,19 @@ class ModalityAwareFusion(nn.Module):
                      for phase, f in features.items()}
         fused = sum(attention[phase] * f for phase, f in features.items())
         return fused, attention
+
+
+def _norm_and_activation(channels: int) -> list[nn.Module]:
+    return [nn.InstanceNorm3d(channels, eps=1e-5, affine=True), nn.LeakyReLU(1e-2, inplace=True)]
+
+
+def _attention_layers(channels: int, variant: str) -> nn.Sequential:
+    second_kernel = 3 if variant == "code" else 1
+    layers = [nn.Conv3d(2 * channels, channels, 3, 1, 1), *_norm_and_activation(channels),
+              nn.Conv3d(channels, channels, second_kernel, 1, (second_kernel - 1) // 2)]
+    if variant == "paper":
+        layers += _norm_and_activation(channels)
+    return nn.Sequential(*layers, nn.Sigmoid())
 
 
 @dataclass
@@ -214,7 +224,7 @@ class MAMLNet(nn.Module):
         channels = net.features_per_stage[0]
         self.fusion = ModalityAwareFusion(self.phases, channels, net.ma_variant)
         self.fused_head = nn.Conv3d(channels, config.num_classes, 1, 1, 0,
-                                    bias=net.ma_variant == "paper")
+                                    bias=net.ma_variant != "code")
 
     def present_phases(self, phases: Sequence[str] | None) -> list[str]:
         """The given phases in model order; unknown or repeated names are an input error."""
