@@ -55,6 +55,26 @@ def test_small_volume_is_padded_and_cropped_back(net):
     assert probabilities.shape == (3, 5, 11, 9) and heatmaps.shape == (2, 5, 11, 9)
 
 
+def test_padding_holds_air_for_maml_models_and_zero_for_nnunet_ones(net):
+    from maml.inference import _pad_to_patch, padding_of
+
+    data = torch.as_tensor(np.random.default_rng(4).normal(size=(2, 5, 11, 9)).astype(np.float32))
+    data[1] -= 3.0
+    padded, crop = _pad_to_patch(data, PATCH, pad_with="air")
+    assert tuple(padded.shape) == (2, 8, 16, 16)
+    assert torch.equal(padded[(slice(None), *crop)], data)
+    outside = torch.ones(padded.shape[1:], dtype=torch.bool)
+    outside[tuple(crop)] = False
+    for channel in range(2):  # each phase's own lowest value, not the normalised mean 0
+        assert torch.allclose(padded[channel][outside], data[channel].min())
+    zero, _ = _pad_to_patch(data, PATCH, pad_with="zero")
+    assert torch.all(zero[0][outside] == 0)
+    config = tiny_config()
+    assert padding_of(config) == "air"
+    config.inference.blend = "logits"  # an imported nnU-Net model's inference
+    assert padding_of(config) == "zero"
+
+
 def test_mirroring_averages_all_eight_flips(net):
     data = torch.randn(1, 2, *PATCH)
     probabilities = sliding_window_predict(net, data[0].numpy(), net.phases,

@@ -44,6 +44,9 @@ class SlidingWindowOptions:
     blend: str = "probabilities"  # or "logits": averaged, softmax once at the end (nnU-Net)
     # Window starts on multiples of this (z, y, x): the network's total stride (predict_case sets it).
     align: Sequence[int] = (1, 1, 1)
+    # What fills the volume's padding: "air" (each phase's lowest value, as training pads) or
+    # "zero" (nnU-Net's predictor, for imported nnU-Net models).
+    pad_with: str = "zero"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -102,10 +105,12 @@ def window_starts(size: int, patch: int, overlap: float, align: int = 1) -> list
     return sorted(set(starts))
 
 
-def _pad_to_patch(data: torch.Tensor, patch: Sequence[int], align: Sequence[int] = (1, 1, 1)
-                  ) -> tuple[torch.Tensor, list[slice]]:
-    """Pads (P, z, y, x) with zeros (the normalised mean) up to the patch size (symmetrically), and
-    at the end so that size - patch is a multiple of ``align`` (every window start aligned)."""
+def _pad_to_patch(data: torch.Tensor, patch: Sequence[int], align: Sequence[int] = (1, 1, 1),
+                  pad_with: str = "zero") -> tuple[torch.Tensor, list[slice]]:
+    """Pads (P, z, y, x) up to the patch size (symmetrically), and at the end so that size - patch
+    is a multiple of ``align`` (every window start aligned). ``pad_with`` "zero" (the normalised
+    foreground mean: nnU-Net's predictor) or "air" (each channel's lowest value, as training pads:
+    zeros would show the network a frame of liver-like intensity at the volume's edge)."""
     pads, crop = [], []
     for size, p, a in zip(data.shape[1:], patch, align):
         total = max(p - size, 0)
@@ -114,7 +119,15 @@ def _pad_to_patch(data: torch.Tensor, patch: Sequence[int], align: Sequence[int]
         pads.append((before, after))
         crop.append(slice(before, before + size))
     flat = [v for pair in reversed(pads) for v in pair]
-    return (F.pad(data, flat) if any(flat) else data), crop
+    if not any(flat):
+        return data, crop
+    if pad_with == "air":
+        air = data.amin(dim=tuple(range(1, data.ndim)), keepdim=True)
+        shape = [data.shape[0], *(size + a + b for size, (a, b) in zip(data.shape[1:], pads))]
+        padded = air.expand(shape).clone()
+        padded[(slice(None), *crop)] = data
+        return padded, crop
+    return F.pad(data, flat), crop
 
 
 def _mirror_axes(mirror: bool, axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]]:
@@ -197,7 +210,7 @@ def sliding_window_predict(
         raise InputError(f"inference input must be (phases, z, y, x), got shape {tuple(volume.shape)}")
     patch = [int(p) for p in options.patch_size]
     align = [int(a) for a in options.align]
-    volume, crop = _pad_to_patch(volume, patch, align)
+    volume, crop = _pad_to_patch(volume, patch, align, options.pad_with)
     body_mask = None
     if body is not None:
         body_mask, _ = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch,
@@ -308,7 +321,7 @@ def window_bottleneck_features(net: MAMLNet, data: np.ndarray, phases: Sequence[
     patch = [int(p) for p in options.patch_size]
     align = [int(a) for a in options.align]
     volume, _ = _pad_to_patch(torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float32), patch,
-                              align)
+                              align, options.pad_with)
     body_mask = None
     if body is not None:
         body_mask = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch,
@@ -396,7 +409,8 @@ def predict_case(
                                    batch_size=batch_size,
                                    mirror_axes=model.config.inference.mirror_axes,
                                    blend=model.config.inference.blend,
-                                   align=window_alignment(model.config))
+                                   align=window_alignment(model.config),
+                                   pad_with=padding_of(model.config))
     network = inference_network(model, engine, torch_device)
     windowed = sliding_window_predict(network, case.data, case.phases, options, progress,
                                       cancel, body=case.body)
@@ -428,6 +442,11 @@ def predict_case(
     return CasePrediction(labels, attention, probabilities if keep_probabilities else None,
                           case.phases, head, uncertainty, windowed.window_features,
                           windowed.window_body_fraction, engine)
+
+
+def padding_of(config) -> str:
+    """MAML's own models were trained with air beyond the border; imported nnU-Net models with 0."""
+    return "air" if config.inference.is_default else "zero"
 
 
 def window_alignment(config) -> tuple[int, int, int]:

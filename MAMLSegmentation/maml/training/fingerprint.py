@@ -54,7 +54,7 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
     import SimpleITK as sitk
 
     from .dataset import load_case_images
-    from ..inference import SlidingWindowOptions, window_alignment, window_bottleneck_features
+    from ..inference import SlidingWindowOptions, padding_of, window_alignment, window_bottleneck_features
     from ..preprocessing import preprocess_phases
 
     config = model.config
@@ -78,7 +78,8 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
     case_input = preprocess_phases(images, config)
     features, body_fraction = window_bottleneck_features(
         model.network, case_input.data, case_input.phases,
-        SlidingWindowOptions(config.patch_size, device=device, align=window_alignment(config)),
+        SlidingWindowOptions(config.patch_size, device=device, align=window_alignment(config),
+                             pad_with=padding_of(config)),
         body=case_input.body)
     return {
         "case": case,

@@ -43,14 +43,16 @@ def validate(net: MAMLNet, cases: Sequence[CaseData], config: ModelConfig, devic
     """
     import SimpleITK as sitk
 
-    from ..inference import SlidingWindowOptions, sliding_window_predict
+    from ..inference import (SlidingWindowOptions, padding_of, sliding_window_predict,
+                             window_alignment)
     from ..preprocessing import Geometry, resample_probabilities_to_reference
 
     adapter = AllHeads(net)
     k = config.num_classes
     labels = {label.name: label.value for label in config.labels if label.value != 0}
     options = SlidingWindowOptions(patch_size=config.patch_size, overlap=overlap,
-                                   batch_size=batch_size, device=str(device))
+                                   batch_size=batch_size, device=str(device),
+                                   align=window_alignment(config), pad_with=padding_of(config))
     was_training = net.training
     net.eval()
     results: dict[str, dict] = {}
