@@ -29,14 +29,17 @@ from ..config import NORMALIZATION_SCHEMES, Label, ModelConfig
 from ..errors import InputError
 from ..io import atomic_path, write_text_atomic
 
+
 CACHE_VERSION = 1
 MAX_FOREGROUND_SAMPLES = 10000  # per class and case, as nnU-Net
 CHANNEL_NAME_NORMALIZATION = {"ct": "ct_dataset", "nonorm": "none", "zscore": "mr", "mr": "mr", "t1": "mr",
                               "t2": "mr", "flair": "mr", "t1ce": "mr", "t1gd": "mr"}
 
+
 # --------------------------------------------------------------------------------------------------
 # The raw data set
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class RawDataset:
@@ -53,6 +56,7 @@ class RawDataset:
 
     def label_file(self, case: str) -> Path:
         return self.root / "labelsTr" / f"{case}{self.file_ending}"
+
 
 def read_dataset(root: str | Path) -> RawDataset:
     """Reads dataset.json and lists the training cases; any missing file is an error naming it."""
@@ -105,12 +109,14 @@ def read_dataset(root: str | Path) -> RawDataset:
                 raise InputError(f"data set {root}: case {case!r} has no image {path.name} in imagesTr")
     return dataset
 
+
 def phase_names(dataset: RawDataset) -> list[str]:
     """Phase names from the channel names; repeated names (e.g. "CT", "CT") get the channel number."""
     names = dataset.channel_names
     if len(set(names)) == len(names):
         return list(names)
     return [f"{name}_{index}" for index, name in enumerate(names)]
+
 
 def config_for_dataset(base: ModelConfig, dataset: RawDataset, normalization: str | None = None
                        ) -> ModelConfig:
@@ -148,6 +154,7 @@ def config_for_dataset(base: ModelConfig, dataset: RawDataset, normalization: st
     config.validate()
     return config
 
+
 def split_cases(cases: Sequence[str], fold: int | str = 0, n_folds: int = 5,
                 val_cases: int | None = None) -> tuple[list[str], list[str]]:
     """(train, validation) from sorted case ids.
@@ -173,9 +180,11 @@ def split_cases(cases: Sequence[str], fold: int | str = 0, n_folds: int = 5,
     val = [cases[i] for i in blocks[fold]]
     return [c for c in cases if c not in val], val
 
+
 # --------------------------------------------------------------------------------------------------
 # Preprocessing cache
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class CaseData:
@@ -191,6 +200,7 @@ class CaseData:
     def label_file(self) -> Path:
         return Path(self.meta["label_file"])
 
+
 def cache_plan(config: ModelConfig, dataset: RawDataset, register: str | None) -> dict:
     return {
         "version": CACHE_VERSION,
@@ -204,20 +214,25 @@ def cache_plan(config: ModelConfig, dataset: RawDataset, register: str | None) -
         "register": register,
     }
 
+
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as temporary, open(temporary, "wb") as stream:
         np.save(stream, array)
+
 
 def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as temporary, open(temporary, "wb") as stream:
         np.savez(stream, **arrays)
 
+
 def _source_stamp(paths: Sequence[Path]) -> list[list]:
     return [[str(p), p.stat().st_size, int(p.stat().st_mtime_ns)] for p in paths]
+
 
 def case_seed(case: str) -> int:
     """A seed fixed by the case id: per-case sampling does not depend on case order or rank."""
     return int.from_bytes(hashlib.sha256(case.encode()).digest()[:4], "little")
+
 
 def foreground_locations(seg: np.ndarray, classes: Sequence[int], seed: int = 0,
                          max_samples: int = MAX_FOREGROUND_SAMPLES) -> dict[int, np.ndarray]:
@@ -230,6 +245,7 @@ def foreground_locations(seg: np.ndarray, classes: Sequence[int], seed: int = 0,
             coords = coords[np.sort(rng.choice(len(coords), max_samples, replace=False))]
         out[int(value)] = coords
     return out
+
 
 def load_case_images(dataset: RawDataset, config: ModelConfig, case: str, register: str | None = None):
     """{phase: image} and the label image of one case, all on one grid.
@@ -288,11 +304,14 @@ def load_case_images(dataset: RawDataset, config: ModelConfig, case: str, regist
         check_same_grid({reference_phase: reference, phase: images[phase]})
     return images, label
 
+
 TRANSFORMS = "transforms"
+
 
 def transform_file(dataset: RawDataset, case: str, phase: str, reference_phase: str) -> Path:
     """DATASET/transforms/CASE_<phase>_to_<reference>.tfm (as the phantom writes them)."""
     return dataset.root / "transforms" / f"{case}_{phase}_to_{reference_phase}.tfm"
+
 
 def _apply_given_transform(dataset, case, phase, reference_phase, moving, reference):
     """Resamples ``moving`` onto ``reference``'s grid with the data set's transform file, which maps
@@ -314,6 +333,7 @@ def _apply_given_transform(dataset, case, phase, reference_phase, moving, refere
     resampler.SetOutputPixelType(sitk.sitkFloat32)
     resampler.UseNearestNeighborExtrapolatorOn()
     return resampler.Execute(moving)
+
 
 def preprocess_case(dataset: RawDataset, config: ModelConfig, case: str, register: str | None = None
                     ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -348,6 +368,7 @@ def preprocess_case(dataset: RawDataset, config: ModelConfig, case: str, registe
         "class_voxels": {str(v): int((seg == v).sum()) for v in range(config.num_classes)},
     }
     return pre.data, seg, meta
+
 
 def dataset_intensity_properties(dataset: RawDataset, config: ModelConfig, cases: Sequence[str],
                                  register: str | None = None, progress: bool = True
@@ -384,6 +405,7 @@ def dataset_intensity_properties(dataset: RawDataset, config: ModelConfig, cases
             raise InputError(f"data set {dataset.root}: the label maps of the training cases have no "
                              f"foreground, so phase {phase!r} has no CT statistics ('ct_dataset')") from None
     return out
+
 
 class PreprocessedCache:
     """The OUT/preprocessed folder."""

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import torch
 
+
 @dataclass
 class Distributed:
     rank: int = 0
@@ -30,6 +31,7 @@ class Distributed:
     def close(self) -> None:
         if self.initialised_here and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
 
 def setup_distributed(device: torch.device) -> Distributed:
     """Joins the process group when started by torchrun (WORLD_SIZE > 1), else a single process."""

@@ -19,7 +19,9 @@ from ..domain import (FINGERPRINT_VERSION, body_percentiles, body_windows, case_
 from ..errors import InputError
 from ..model import LoadedModel
 
+
 DATA_KINDS = ("synthetic", "clinical")
+
 
 def dataset_data_kind(dataset_root: str | Path) -> str:
     """``data_kind`` of a raw data set: its dataset.json's entry (phantoms say "synthetic"), else
@@ -33,6 +35,7 @@ def dataset_data_kind(dataset_root: str | Path) -> str:
     kind = meta.get("data_kind", "clinical")
     return kind if kind in DATA_KINDS else "clinical"
 
+
 def _raw_geometries(dataset, case: str) -> list[dict]:
     import SimpleITK as sitk
 
@@ -45,6 +48,7 @@ def _raw_geometries(dataset, case: str) -> list[dict]:
         geometries.append({"spacing_mm": list(spacing),
                            "extent_mm": [s * n for s, n in zip(spacing, size)]})
     return geometries
+
 
 def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
                  device: str = "cpu") -> dict[str, Any]:
@@ -93,8 +97,10 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
         "phases": case_input.phases,
     }
 
+
 def _range(values: Sequence[float]) -> list[float]:
     return [float(np.min(values)), float(np.max(values))]
+
 
 def build_fingerprint(train: Sequence[dict], calibration: Sequence[dict], phases: Sequence[str],
                       data_kind: str, dataset_name: str) -> dict[str, Any]:
@@ -151,6 +157,7 @@ def build_fingerprint(train: Sequence[dict], calibration: Sequence[dict], phases
         "output": output,
         "features": features,
     }
+
 
 def compute_fingerprint(model: LoadedModel, dataset_dir: str | Path, train_cases: Sequence[str],
                         calibration_cases: Sequence[str], register: str | None = None,

@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import InputError
 from .dataset import CaseData
 
+
 AUGMENTATIONS = ("default", "light", "none")
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net: a patch this much longer in plane than in z is augmented in 2D
 ROTATION_3D = np.deg2rad(30.0)

@@ -11,10 +11,12 @@ import numpy as np
 
 from ..io import atomic_path, write_text_atomic
 
+
 def _finite(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
 
 def write_logs(out_dir: Path, rows: list[dict]) -> None:
     """log.jsonl and log.csv from all rows (rewritten atomically: a resume drops replayed epochs)."""
@@ -33,6 +35,7 @@ def write_logs(out_dir: Path, rows: list[dict]) -> None:
         writer.writerow(row)
     write_text_atomic(out_dir / "log.csv", stream.getvalue())
 
+
 def read_log(out_dir: Path) -> list[dict]:
     path = out_dir / "log.jsonl"
     if not path.is_file():
@@ -45,6 +48,7 @@ def read_log(out_dir: Path) -> list[dict]:
             except json.JSONDecodeError:
                 break  # a torn last line of a killed run
     return rows
+
 
 def plot_curves(out_dir: Path, rows: list[dict], phases: Sequence[str], labels: Sequence[str]) -> Path:
     """training_curves.png: losses, validation Dice per head and label, learning rate."""

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
+
 LOSS_VARIANTS = ("paper", "code")
 
 @runtime_checkable
@@ -42,6 +43,7 @@ class MAMLOutputLike(Protocol):
     phase_logits: dict[str, list[torch.Tensor]]  # per phase, full resolution first
     fused_logits: torch.Tensor | None  # (B, K, D, H, W), only when all phases are present
     attention: dict[str, torch.Tensor] | None
+
 
 @dataclass
 class LossBreakdown:
@@ -57,6 +59,7 @@ class LossBreakdown:
     lambda_intra: float = 0.5
     joint_weight: float = 1.0
 
+
 def dice_ce_loss(smooth: float = 1e-5, batch_dice: bool = False) -> DiceCELoss:
     """Dice + CE on logits (B, K, ...) against integer labels (B, 1, ...)."""
     return DiceCELoss(
@@ -68,6 +71,7 @@ def dice_ce_loss(smooth: float = 1e-5, batch_dice: bool = False) -> DiceCELoss:
         batch=batch_dice,
         reduction="mean",
     )
+
 
 def deep_supervision_weights(n: int) -> list[float]:
     """nnU-Net's weights for ``n`` outputs (full resolution first): 1/2^k, lowest 0, sum 1.
@@ -83,6 +87,7 @@ def deep_supervision_weights(n: int) -> list[float]:
     total = sum(weights)
     return [w / total for w in weights]
 
+
 def downsample_target(target: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
     """Integer labels (B, 1, D, H, W) -> (B, 1, *spatial_shape) by nearest neighbour.
 
@@ -95,6 +100,7 @@ def downsample_target(target: torch.Tensor, spatial_shape: Sequence[int]) -> tor
         return target
     resized = F.interpolate(target.float(), size=spatial_shape, mode="nearest")
     return resized.long()
+
 
 class MutualLearningLoss(nn.Module):
     """MAML's training objective over a network output and integer labels (B, 1, D, H, W).

@@ -8,10 +8,12 @@ from typing import Any
 from ..errors import InputError
 from .loading import AUGMENTATIONS
 
+
 OPTIMIZERS = ("adam", "sgd")
 
 # Options a user may change when resuming; everything else is taken from the saved state.
 RESUMABLE_OVERRIDES = ("epochs", "device", "num_workers", "val_every", "amp", "threads")
+
 
 @dataclass
 class TrainingOptions:
@@ -83,9 +85,9 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
     "code": {"epochs": 1000, "iterations_per_epoch": 250, "batch_size": 2, "optimizer": "sgd",
              "loss_variant": "code"},
     "demo": {"epochs": 120, "iterations_per_epoch": 25, "batch_size": 2, "learning_rate": 1e-3,
-             "oversample_foreground": 0.5, "val_every": 6, "val_overlap": 0.25, "threads": 1,
-             "num_workers": 1},
+             "val_patches": 12, "val_overlap": 0.25, "threads": 1, "num_workers": 1},
 }
+
 
 def default_options(preset: str | None, **overrides) -> TrainingOptions:
     values = dict(PRESET_OPTIONS.get(preset or "", {}))
@@ -93,6 +95,7 @@ def default_options(preset: str | None, **overrides) -> TrainingOptions:
     options = TrainingOptions.from_dict(values)
     options.validate()
     return options
+
 
 def poly_lr(initial: float, epoch: int, total: int, exponent: float = 0.9) -> float:
     """nnU-Net's PolyLRScheduler: initial * (1 - epoch / total) ** exponent."""

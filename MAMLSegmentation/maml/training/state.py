@@ -11,13 +11,16 @@ import torch
 from ..errors import MAMLError
 from ..io import atomic_path
 
+
 STATE_FORMAT = "maml-training-state"
 STATE_VERSION = 1
 STATE_FILE = "training_state.pt"
 
+
 def save_state(path: Path, payload: dict) -> None:
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
+
 
 def load_state(path: Path) -> dict:
     try:
@@ -30,14 +33,17 @@ def load_state(path: Path) -> dict:
         raise MAMLError(f"training state {path} is from a newer maml; update it to resume")
     return state
 
+
 def numpy_rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
             "has_gauss": int(has_gauss), "cached": float(cached)}
 
+
 def set_numpy_rng_state(state: dict) -> None:
     np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"],
                          state["has_gauss"], state["cached"]))
+
 
 def json_ready(value):
     if isinstance(value, float):

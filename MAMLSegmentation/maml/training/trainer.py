@@ -62,9 +62,11 @@ from .state import (STATE_FILE, STATE_FORMAT, STATE_VERSION, json_ready, numpy_r
 from .validation import (exponential_moving_average, pseudo_dice, validate,
                          validation_patches)
 
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
+
 
 class TrainStep(nn.Module):
     """Network + loss as one module, so DistributedDataParallel sees the loss as the output: its

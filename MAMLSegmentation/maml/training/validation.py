@@ -14,6 +14,7 @@ from ..evaluation import evaluate_arrays
 from ..network import MAMLNet, WindowOutput, window_output
 from .dataset import CaseData
 
+
 class AllHeads(nn.Module):
     """Adapter for :func:`maml.inference.sliding_window_predict`: one pass gives the fused head's and
     every phase head's probabilities, stacked on the class axis (fused first, then phases in order),
@@ -33,6 +34,7 @@ class AllHeads(nn.Module):
         probabilities = [window.probabilities]
         probabilities += [torch.softmax(out.phase_logits[p][0].float(), 1) for p in self.phases]
         return window._replace(probabilities=torch.cat(probabilities, 1))
+
 
 def validate(net: MAMLNet, cases: Sequence[CaseData], config: ModelConfig, device: torch.device,
              overlap: float = 0.5, batch_size: int = 2, progress: bool = False) -> dict[str, Any]:
