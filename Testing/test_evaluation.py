@@ -12,8 +12,9 @@ import SimpleITK as sitk
 
 from maml.cli import main as cli_main
 from maml.errors import InputError
-from maml.evaluation import (_surface_metrics_sitk, dice_score, evaluate_arrays, evaluate_folders,
-                             mask_edges, monai_surface_available, summarize, surface_metrics)
+from maml.evaluation import (dice_score, evaluate_arrays, evaluate_folders, mask_edges,
+                             monai_surface_available, summarize, surface_metrics)
+from maml.evaluation.metrics import _surface_metrics_sitk
 
 
 def offset_cubes(n=6, shape=(12, 12, 12)):
