@@ -109,7 +109,8 @@ def lesion_table(label: str, s: Mapping) -> list[str]:
     cells = []
     for name, _, _ in SIZE_BINS_ML:
         b = s["size_bins"][name]
-        cells.append(f"{name}: {b['detected']}/{b['lesions']} detected, Dice {b['dice_mean']:.4f}")
+        cells.append(f"{name}: {b['detected']}/{b['lesions']} detected, Dice {b['dice_mean']:.4f}"
+                     if b["lesions"] else f"{name}: none")
     lines.append("  by size: " + "; ".join(cells))
     return lines
 
