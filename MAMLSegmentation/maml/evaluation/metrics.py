@@ -298,6 +298,9 @@ def lesion_metrics(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float
     if pred.shape != gt.shape:
         raise ValueError(f"masks differ in shape: {pred.shape} vs {gt.shape}")
     voxel_ml = float(np.prod([float(s) for s in spacing_zyx])) / 1000.0
+    if pred.any() or gt.any():
+        # components and overlaps are those of the union's bounding box: label a small array
+        pred, gt = _crop_to_union(pred, gt)
     reference, n_reference = connected_lesions(gt)
     predicted, n_predicted = connected_lesions(pred)
     reference_sizes = np.bincount(reference.ravel(), minlength=n_reference + 1)
