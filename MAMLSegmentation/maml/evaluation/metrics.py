@@ -55,12 +55,12 @@ DEFINITIONS = {
                    "that overlap it; 0 when it is missed",
     "lesion_sensitivity": "detected reference lesions / all reference lesions, pooled over cases",
     "false_positives_per_case": "false-positive predicted lesions / cases",
-    "lesion_wise_dice": "per case (BraTS 2023 lesion-wise Dice, as TriALS reports it): the sum of the "
+    "lesion_wise_dice": "per case (the BraTS 2023 lesion-wise Dice): the sum of the "
                         "reference lesions' Dice over (reference lesions + false-positive predicted "
                         "lesions), so each missed or false lesion counts as Dice 0; 1 when the case "
                         "has neither; then mean and std over cases",
-    "detected_lesion_dice": "LiTS per-lesion Dice: mean lesion Dice over the detected reference "
-                            "lesions of all cases",
+    "detected_lesion_dice": "LiTS per-lesion Dice (the scoring TriALS's evaluation reuses): mean "
+                            "lesion Dice over the detected reference lesions of all cases",
     "size_bins": "reference lesion volume (voxels x voxel volume): < 1 mL, 1-10 mL, > 10 mL; per bin "
                  "the lesions, those detected and their mean lesion Dice (missed ones count 0)",
 }
@@ -283,12 +283,13 @@ def lesion_metrics(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float
     component (https://github.com/rachitsaluja/brats_val_2023; the rules are outlined at
     https://synapse.org/Synapse:syn51156910/discussion/threadId=10357). The case's lesion-wise Dice is
     their sum over (reference lesions + false positives), so every missed and every false lesion
-    counts as a 0; TriALS ranks with this BraTS-style score. Unlike BraTS we neither dilate the
-    reference before matching nor drop small components: every voxel counts. The LiTS per-lesion
-    Dice (``detected_lesion_dice`` in :func:`summarize_lesions`) is the mean over detected lesions
-    only (Bilic et al., "The Liver Tumor Segmentation Benchmark (LiTS)", Med. Image Anal. 84, 2023;
-    the scoring that TriALS's eval_scripts reuse, https://github.com/xmed-lab/TriALS); LiTS first
-    merges reference lesions that one predicted lesion spans, which we do not.
+    counts as a 0. Unlike BraTS we neither dilate the reference before matching nor drop small
+    components: every voxel counts. The LiTS per-lesion Dice (``detected_lesion_dice`` in
+    :func:`summarize_lesions`) is the mean over detected lesions only (Bilic et al., "The Liver
+    Tumor Segmentation Benchmark (LiTS)", Med. Image Anal. 84, 2023; TriALS's evaluation scripts,
+    https://github.com/xmed-lab/TriALS eval_scripts, reuse that scoring); LiTS first merges
+    reference lesions that one predicted lesion spans, which we do not, and labels components with
+    scipy's default 6-connectivity where we use 26.
 
     Returns counts, ``lesion_wise_dice``, ``lesions`` (one dict per reference lesion: volume_ml,
     size_bin, detected, dice) and ``false_positive_volumes_ml``.
