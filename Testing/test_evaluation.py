@@ -12,8 +12,9 @@ import SimpleITK as sitk
 
 from maml.cli import main as cli_main
 from maml.errors import InputError
-from maml.evaluation import (_surface_metrics_sitk, dice_score, evaluate_arrays, evaluate_folders,
-                             mask_edges, monai_surface_available, summarize, surface_metrics)
+from maml.evaluation import (dice_score, evaluate_arrays, evaluate_folders, mask_edges,
+                             monai_surface_available, summarize, surface_metrics)
+from maml.evaluation.metrics import _surface_metrics_sitk
 
 
 def offset_cubes(n=6, shape=(12, 12, 12)):
@@ -214,6 +215,11 @@ def test_evaluate_model_scores_every_head(tmp_path):
     data = json.loads((tmp_path / "res.json").read_text())
     assert set(data["heads"]) == {"fused", "arterial", "venous"}
     assert data["heads"]["venous"]["summary"]["liver"]["dice"]["n"] == 2
+    for head in ("fused", "arterial", "venous"):  # lesion figures of the label named tumor, per head
+        assert data["heads"][head]["lesion_label"] == "tumor"
+        assert data["heads"][head]["lesion_summary"]["cases"] == 2
+    with open(tmp_path / "res_lesions.csv") as stream:
+        assert stream.readline().strip().split(",")[:3] == ["head", "case", "lesion"]
     for head in ("fused", "arterial", "venous"):
         for case in ("TINY_000", "TINY_001"):
             assert (tmp_path / "pred" / head / f"{case}.nii.gz").is_file()

@@ -14,8 +14,8 @@ from maml.cli import main as cli_main
 from maml.config import ModelConfig, PostprocessingConfig, demo_config
 from maml.errors import ModelError
 from maml.model import load_model
-from maml.postprocessing import (ValidationCase, keep_largest_component, postprocess,
-                                 remove_small_components, tune)
+from maml.evaluation.tuning import ValidationCase, tune
+from maml.postprocessing import keep_largest_component, postprocess, remove_small_components
 
 SPACING = (2.0, 2.0, 2.0)  # 8 mm^3 per voxel: 125 voxels = 1 ml
 

@@ -1,8 +1,9 @@
-"""maml evaluate: Dice, ASSD and HD95 of predicted label maps against the ground truth, or of a
-model's heads on an nnU-Net raw data set."""
+"""maml evaluate: Dice, ASSD and HD95 of predicted label maps against the ground truth, and lesion
+detection of the tumor label, or the same for a model's heads on an nnU-Net raw data set."""
 
-HELP = ("score predicted label maps against ground truth (Dice, ASSD in mm and voxels, HD95), or "
-        "a model's fused and per-phase heads on a data set (--model, --dataset)")
+HELP = ("score predicted label maps against ground truth (Dice, ASSD in mm and voxels, HD95; tumor "
+        "lesions found, missed and false, lesion-wise Dice, Dice per lesion size), or a model's fused "
+        "and per-phase heads on a data set (--model, --dataset)")
 
 
 def configure(parser):
@@ -25,10 +26,13 @@ def configure(parser):
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="with --model: score the raw labels (skip the model's post-processing)")
     parser.add_argument("--out", help="result file: writes OUT.json and OUT.csv (per case and label, "
-                        "then mean and std)")
+                        "then mean and std) and OUT_lesions.csv (one row per lesion)")
     parser.add_argument("--labels", nargs="+", metavar="[NAME=]VALUE",
                         help="labels to score (default: dataset.json beside the ground truth, else "
                              "every non-zero value)")
+    parser.add_argument("--lesion-label", metavar="NAME",
+                        help="label whose 26-connected components are scored as lesions (default: the "
+                             "label named tumor; without such a label, no lesion figures)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -42,21 +46,21 @@ def run(args) -> int:
         register = None if args.register == "none" else args.register
         results = evaluate_model(args.model, args.dataset, register, args.heads, args.save_predictions,
                                  args.device, progress=not args.no_progress,
-                                 postprocess=not args.no_postprocessing, backend=args.backend)
+                                 postprocess=not args.no_postprocessing, backend=args.backend,
+                                 lesion_label=args.lesion_label)
         for head, result in results.items():
             print(f"head: {head}")
             print(result.table())
         if args.out:
             info = {"model": str(args.model), "dataset": str(args.dataset), "register": args.register,
                     "postprocessing": not args.no_postprocessing}
-            json_path, csv_path = write_model_results(results, args.out, info)
-            print(f"wrote {json_path} and {csv_path}")
+            print("wrote " + ", ".join(map(str, write_model_results(results, args.out, info))))
         return 0
     if not (args.pred and args.gt):
         raise InputError("give --pred and --gt (or --model and --dataset)")
-    result = evaluate_folders(args.pred, args.gt, args.labels, progress=not args.no_progress)
+    result = evaluate_folders(args.pred, args.gt, args.labels, progress=not args.no_progress,
+                              lesion_label=args.lesion_label)
     print(result.table())
     if args.out:
-        json_path, csv_path = write_results(result, args.out)
-        print(f"wrote {json_path} and {csv_path}")
+        print("wrote " + ", ".join(map(str, write_results(result, args.out))))
     return 0

@@ -19,10 +19,10 @@ def run(args) -> int:
     import SimpleITK as sitk
 
     from ..errors import InputError
-    from ..evaluation import label_files, read_label_image
+    from ..evaluation.folders import label_files, read_label_image
+    from ..evaluation.tuning import ValidationCase, tune
     from ..io import write_json
     from ..model import load_model, save_checkpoint
-    from ..postprocessing import ValidationCase, tune
 
     model = load_model(args.model)
     predictions, truths = label_files(args.pred), label_files(args.gt)
