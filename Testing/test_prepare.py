@@ -219,6 +219,8 @@ def test_dicom_studies_pick_phases_and_skip_an_ambiguous_study_without_a_termina
     assert read_dataset(out2).cases == ["P2", "P3", "Patient_1"]
     series = {w["case"]: w["series"] for w in json.loads((out2 / "prepare.json").read_text())["written"]}
     assert series["P3"]["arterial"]["description"] == "Late arterial"
+    replay = (out2 / "phase_map.csv").read_text().splitlines()
+    assert replay[0] == "case,arterial,venous" and "P3,1.2.826.0.1.3680043.2.1125.8.13002," in replay[2]
 
 
 def test_phase_choice_follows_keywords_and_time_and_asks_when_in_doubt(studies):

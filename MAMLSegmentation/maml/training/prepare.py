@@ -20,7 +20,8 @@ betray a flipped or shifted label). A bad case gives one line and is skipped; th
 Output (written into a temporary folder beside ``--out``, renamed into place at the end, removed on
 any failure): ``imagesTr/CASE_0000.nii.gz`` (arterial), ``CASE_0001.nii.gz`` (venous),
 ``labelsTr/CASE.nii.gz`` (UInt8 on the venous grid), ``dataset.json`` (``data_kind: clinical``) and
-``prepare.json`` (where every case came from, and what was skipped and why). Inputs are only read.
+``prepare.json`` (where every case came from, and what was skipped and why) and, from DICOM studies,
+``phase_map.csv`` (the series chosen per case, for ``--phase-map``). Inputs are only read.
 """
 
 from __future__ import annotations
@@ -482,11 +483,18 @@ def _choose_phases(case, folder, images, series, phase_map, choose) -> dict[str,
         if chosen["arterial"].uid == chosen["venous"].uid:
             raise CaseRefused("the same series was chosen for both phases")
         return chosen
-    listing = "; ".join(s.describe() for s in images)
+    listing = "; ".join(f"{s.describe()} in {_relative(s.folder, folder)}" for s in images)
     raise CaseRefused(
         f"phases not decided ({decision.doubt}); series: {listing}. Choose in a terminal, or add "
-        f"'{case},ARTERIAL,VENOUS' (series UID or number) to a --phase-map CSV, or a --csv row "
-        f"'{case},{folder}::ARTERIAL_UID,{folder}::VENOUS_UID,LABEL'")
+        f"'{case},ARTERIAL,VENOUS' (series UID or number) to a --phase-map CSV, or give the case as a "
+        "--csv row (case,arterial,venous,label with SERIES_FOLDER::SERIESUID)")
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return str(path.relative_to(start)) + "/"
+    except ValueError:
+        return str(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -680,6 +688,8 @@ def _clean(image):
 
 def prepare_case(source: CaseSource, folder: Path, label_map: LabelMap) -> list[str]:
     """Reads, checks and writes one case into ``folder``; returns notes; CaseRefused when bad."""
+    import SimpleITK as sitk
+
     from ..io import read_image, write_image
     from ..preprocessing import check_same_grid
 
@@ -694,19 +704,13 @@ def prepare_case(source: CaseSource, folder: Path, label_map: LabelMap) -> list[
         check_same_grid({"venous": images["venous"], "arterial": images["arterial"]})
     except InputError:
         notes.append("arterial phase on another grid than the venous: train with --register")
-    if not np.any(sitk_array(label) == LABELS["tumor"]):
+    if not np.any(sitk.GetArrayViewFromImage(label) == LABELS["tumor"]):
         notes.append("no tumor in the label")
     case = source.case
     write_image(_clean(images["arterial"]), folder / "imagesTr" / f"{case}_0000{FILE_ENDING}")
     write_image(_clean(images["venous"]), folder / "imagesTr" / f"{case}_0001{FILE_ENDING}")
     write_image(label, folder / "labelsTr" / f"{case}{FILE_ENDING}")
     return notes
-
-
-def sitk_array(image) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayViewFromImage(image)
 
 
 def check_out_folder(out: Path, force: bool) -> None:
@@ -759,6 +763,11 @@ def prepare(sources: Sequence[CaseSource], out: str | os.PathLike, label_map: La
             # Read by maml train / maml fingerprint: a model trained on this says what it saw.
             "data_kind": "clinical",
         }, temporary / "dataset.json")
+        chosen = [w for w in written if "series" in w]
+        if chosen:  # the phases as picked or answered: --phase-map replays them without asking
+            rows = ["case,arterial,venous"] + [f"{w['case']},{w['series']['arterial']['series_uid']},"
+                                               f"{w['series']['venous']['series_uid']}" for w in chosen]
+            (temporary / "phase_map.csv").write_text("\n".join(rows) + "\n")
         write_json({"inputs": inputs or {}, "written": written,
                     "skipped": [{"case": s.case, "reason": s.reason} for s in skipped]},
                    temporary / "prepare.json")
