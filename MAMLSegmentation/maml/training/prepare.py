@@ -272,7 +272,7 @@ class Series:
 
 def scan_dicom(folder: Path) -> list[Series]:
     """Every DICOM series under ``folder`` (all depths), from the files' headers."""
-    import pydicom
+    pydicom = _pydicom(f"DICOM study folder {folder}")
     from pydicom.errors import InvalidDicomError
 
     tags = ["SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "Modality", "AcquisitionTime",
@@ -303,6 +303,15 @@ def scan_dicom(folder: Path) -> list[Series]:
             if time and (not series.time or time < series.time):
                 series.time = time
     return sorted(by_uid.values(), key=lambda s: (s.seconds is None, s.seconds or 0, s.number, s.uid))
+
+
+def _pydicom(what: str):
+    try:
+        import pydicom
+    except ImportError:
+        raise CaseRefused(f"{what}: reading DICOM headers needs pydicom; pip install highdicom (the "
+                          "dicom extra), which brings it") from None
+    return pydicom
 
 
 def image_series(series: Iterable[Series]) -> list[Series]:
@@ -504,8 +513,13 @@ def _relative(path: Path, start: Path) -> str:
 
 def is_dicom_seg(path: Path) -> Path | None:
     """The DICOM SEG file ``path`` is or (a folder) holds alone, else None."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:
+        if path.is_file() and not path.name.lower().endswith(".dcm"):
+            return None  # an image file (NIfTI, NRRD, MHA)
+        _pydicom(f"label {path}")
 
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
     segs = []
