@@ -148,7 +148,7 @@ def test_csv_of_mixed_formats_writes_the_raw_layout_and_refuses_bad_labels(csv_c
     assert "skipped" in c3 and "l3_shifted.nii.gz" in c3 and "not on the venous image's grid" in c3
     assert "origin" in c3
     (c4,) = lines_about(stdout, "C4")
-    assert "skipped" in c4 and "holds value(s) 7," in c4 and "--label-map 7=tumor" in c4
+    assert "skipped" in c4 and "holds value(s) 7," in c4 and "--label-map 1=liver 7=tumor " in c4
     summary = stdout[stdout.index("written: 2 case(s)"):]
     assert "skipped: 2 case(s)" in summary and "C3:" in summary and "C4:" in summary
     report = json.loads((out / "prepare.json").read_text())
@@ -158,7 +158,7 @@ def test_csv_of_mixed_formats_writes_the_raw_layout_and_refuses_bad_labels(csv_c
     # the way out named by C4's line works
     out2 = tmp_path / "DS2"
     code, stdout, err = run_prepare(["--csv", csv_cases / "cases.csv", "--out", out2,
-                                     "--label-map", "0=background", "1=liver", "2=tumor", "7=tumor"], capsys)
+                                     "--label-map", "1=liver", "2=tumor", "7=tumor"], capsys)
     assert code == 0, err
     assert read_dataset(out2).cases == ["C1", "C2", "C4"]
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out2 / "labelsTr" / "C4.nii.gz"))),
@@ -260,3 +260,16 @@ def test_train_reads_the_prepared_data_set(csv_cases, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert (run / "checkpoint_best.pt").is_file()
     assert len(list((run / "preprocessed").glob("*_seg.npy"))) == 3
+
+
+def test_label_map_lists_every_value_and_names_segments():
+    label_map = prep.LabelMap.parse(["7=tumor", "Portal vein=background", "Mass=2"])
+    assert label_map.map_values([0, 1, 7]) == ({7: 2, 0: 0}, [1])  # a partial map keeps nothing silently
+    assert prep.LabelMap().map_values([0, 1, 2, 7])[1] == [7]
+    assert label_map.segment_value(["Portal  vein", "Vein"], "32764006") == 0
+    assert label_map.segment_value(["MASS", "Mass"], None) == 2
+    assert prep.LabelMap().segment_value(["Liver tumor", "Neoplasm"], "108369006") == 2
+    assert prep.LabelMap().segment_value(["Segment_1", "Organ"], "10200004") == 1  # by its SNOMED code
+    assert prep.LabelMap().segment_value(["Spleen", "Spleen"], "78961009") is None
+    with pytest.raises(prep.InputError, match="SOURCE=TARGET"):
+        prep.LabelMap.parse(["7=kidney"])

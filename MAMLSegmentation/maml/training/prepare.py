@@ -105,7 +105,8 @@ class LabelMap:
 
     def map_values(self, present: Iterable[int]) -> tuple[dict[int, int], list[int]]:
         """(value -> output value, values with no mapping). Without value entries the identity on
-        0, 1, 2 applies; with them 0 stays background unless mapped."""
+        0, 1, 2 applies; with them every non-zero value must be listed (0 is background unless
+        mapped): a partial map would silently keep values the user may not have meant."""
         mapping = dict(self.values) if self.values else {v: v for v in LABELS.values()}
         mapping.setdefault(0, 0)
         unknown = sorted(int(v) for v in present if int(v) not in mapping)
@@ -574,8 +575,12 @@ def _mapped_values(array: np.ndarray, label_map: LabelMap, path: str) -> np.ndar
     mapping, unknown = label_map.map_values(present)
     if unknown:
         shown = ", ".join(map(str, unknown[:8]))
-        raise CaseRefused(f"label ({path}): holds value(s) {shown}, not among {_label_names()}; map them with "
-                          f"--label-map {unknown[0]}=tumor (or =liver, =background)")
+        names = {value: name for name, value in LABELS.items()}
+        suggestion = " ".join(f"{int(v)}={names.get(mapping.get(int(v), 2), 'tumor')}"
+                              for v in present if int(v) != 0)
+        raise CaseRefused(f"label ({path}): holds value(s) {shown}, not among {_label_names()}; map "
+                          f"every value with --label-map, e.g. --label-map {suggestion} (unlisted "
+                          "values stay unmapped; 0 is background)")
     lookup = np.zeros(int(present.max()) - int(present.min()) + 1, np.uint8)
     for value in present:
         lookup[int(value) - int(present.min())] = mapping[int(value)]
