@@ -90,7 +90,7 @@ def lines_about(text: str, case: str) -> list[str]:
 @pytest.fixture(scope="module")
 def csv_cases(phantom, tmp_path_factory):
     """A CSV of mixed formats: DICOM venous + NIfTI arterial + DICOM SEG label; NRRD/MHA/NIfTI; a label
-    on a shifted grid; a label holding a 7."""
+    on a shifted grid; a label holding a 7; an arterial series of another patient."""
     root = tmp_path_factory.mktemp("hospital")
     study = root / "dicom_case"
     series = write_study(study, phantom, 1)
@@ -109,12 +109,15 @@ def csv_cases(phantom, tmp_path_factory):
     seven_image.CopyInformation(phantom["label"])
     sitk.WriteImage(seven_image, str(root / "l4_seven.nii.gz"))
     venous_dicom = series["Portal venous 70s"].relative_to(root)
+    write_dicom_series(phantom["arterial"], root / "other_patient", "1.2.826.0.1.3680043.2.1125.8.99001",
+                       "Arterial", 1, extra_tags=[FRAME_OF_REFERENCE, ("0010|0020", "P0002")])
     (root / "cases.csv").write_text(
         "case,arterial,venous,label\n"
         f"C1,a1.nii.gz,{venous_dicom},dicom_case/seg/label.dcm\n"
         "C2,a2.nrrd,v2.mha,l2_ras.nii.gz\n"
         "C3,a2.nrrd,v2.mha,l3_shifted.nii.gz\n"
-        "C4,a1.nii.gz,v2.mha,l4_seven.nii.gz\n")
+        "C4,a1.nii.gz,v2.mha,l4_seven.nii.gz\n"
+        f"C5,other_patient,{venous_dicom},dicom_case/seg/label.dcm\n")
     return root
 
 
@@ -149,10 +152,12 @@ def test_csv_of_mixed_formats_writes_the_raw_layout_and_refuses_bad_labels(csv_c
     assert "origin" in c3
     (c4,) = lines_about(stdout, "C4")
     assert "skipped" in c4 and "holds value(s) 7," in c4 and "--label-map 1=liver 7=tumor " in c4
+    (c5,) = lines_about(stdout, "C5")
+    assert "skipped" in c5 and "different patients" in c5 and "'P0002'" in c5
     summary = stdout[stdout.index("written: 2 case(s)"):]
-    assert "skipped: 2 case(s)" in summary and "C3:" in summary and "C4:" in summary
+    assert "skipped: 3 case(s)" in summary and "C3:" in summary and "C4:" in summary
     report = json.loads((out / "prepare.json").read_text())
-    assert [s["case"] for s in report["skipped"]] == ["C3", "C4"]
+    assert [s["case"] for s in report["skipped"]] == ["C3", "C4", "C5"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
     # the way out named by C4's line works

@@ -718,6 +718,7 @@ def prepare_case(source: CaseSource, folder: Path, label_map: LabelMap) -> list[
             images[phase] = read_image(getattr(source, phase), phase)
         except InputError as error:
             raise CaseRefused(str(error)) from None
+    _check_same_patient(images)
     label, notes = read_label(source.label, images[REFERENCE_PHASE], label_map)
     try:
         check_same_grid({"venous": images["venous"], "arterial": images["arterial"]})
@@ -730,6 +731,37 @@ def prepare_case(source: CaseSource, folder: Path, label_map: LabelMap) -> list[
     write_image(_clean(images["venous"]), folder / "imagesTr" / f"{case}_0001{FILE_ENDING}")
     write_image(label, folder / "labelsTr" / f"{case}{FILE_ENDING}")
     return notes
+
+
+def _check_same_patient(images: dict) -> None:
+    """Phases of two patients (DICOM PatientID), or volumes that share no space, make no case."""
+    from ..io import dicom_files
+
+    files = {phase: dicom_files(image) for phase, image in images.items()}
+    if all(files.values()):
+        try:
+            import pydicom
+
+            ids = {phase: str(pydicom.dcmread(f[0], stop_before_pixels=True,
+                                              specific_tags=["PatientID"]).get("PatientID", "")).strip()
+                   for phase, f in files.items()}
+        except (ImportError, OSError, ValueError):
+            ids = {}
+        if ids and all(ids.values()) and len(set(ids.values())) > 1:
+            raise CaseRefused("the phases are of different patients (PatientID "
+                              + ", ".join(f"{phase} {value!r}" for phase, value in ids.items()) + ")")
+    boxes = [_physical_box(image) for image in images.values()]
+    low, high = np.maximum(boxes[0][0], boxes[1][0]), np.minimum(boxes[0][1], boxes[1][1])
+    if np.any(low >= high):
+        raise CaseRefused("the arterial and venous volumes share no space (different patients, or a "
+                          "series that is not the abdomen?)")
+
+
+def _physical_box(image) -> tuple[np.ndarray, np.ndarray]:
+    size = np.array(image.GetSize()) - 1
+    corners = np.array([image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+                        for corner in np.array(np.meshgrid(*[[0, n] for n in size])).T.reshape(-1, 3)])
+    return corners.min(axis=0), corners.max(axis=0)
 
 
 def check_out_folder(out: Path, force: bool) -> None:
