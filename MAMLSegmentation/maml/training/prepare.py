@@ -452,10 +452,14 @@ def dicom_cases(studies: str | os.PathLike, labels_dir: str | os.PathLike | None
             images = image_series(series)
             if not images:
                 raise CaseRefused(f"{where}: no DICOM image series in it")
-            chosen = _choose_phases(case, folder, images, series, phase_map, choose)
+            # a missing label is known before anybody is asked about the phases
             if labels_dir is not None:
                 label = _label_in_folder(Path(labels_dir), case, folder.name)
-            else:
+            elif not any(s.modality.upper() == "SEG" for s in series):
+                raise CaseRefused("no label: the folder holds no DICOM SEG and no --labels folder was given")
+            entry = (phase_map or {}).get(case) or (phase_map or {}).get(folder.name)
+            chosen = _choose_phases(case, folder, images, series, entry, choose)
+            if labels_dir is None:
                 label = _seg_label_of_study(series, chosen["venous"])
         except CaseRefused as error:
             message = str(error) if str(error).startswith(where) else f"{where}: {error}"
@@ -467,16 +471,21 @@ def dicom_cases(studies: str | os.PathLike, labels_dir: str | os.PathLike | None
                            "time": s.time, "folder": str(s.folder)} for phase, s in chosen.items()}
         sources.append(CaseSource(case, chosen["arterial"].location, chosen["venous"].location, label,
                                   where, details))
+    unknown = sorted(set(phase_map or {}) - {case_id_from_folder(f.name) for f in folders}
+                     - {f.name for f in folders})
+    if unknown:
+        report(f"note: --phase-map names case(s) with no folder in {studies}: {', '.join(unknown)}")
     return sources, skipped
 
 
-def _choose_phases(case, folder, images, series, phase_map, choose) -> dict[str, Series]:
-    if phase_map and case in phase_map:
+def _choose_phases(case, folder, images, series, mapped, choose) -> dict[str, Series]:
+    """``mapped``: this case's --phase-map row, if any."""
+    if mapped:
         chosen = {}
         for phase in PHASES:
-            found = _find_series(images, phase_map[case][phase])
+            found = _find_series(images, mapped[phase])
             if found is None:
-                raise CaseRefused(f"--phase-map gives {phase} {phase_map[case][phase]!r}, which names no "
+                raise CaseRefused(f"--phase-map gives {phase} {mapped[phase]!r}, which names no "
                                   "single series here: " + "; ".join(s.describe() for s in images))
             chosen[phase] = found
         return chosen
