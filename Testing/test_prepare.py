@@ -273,6 +273,7 @@ def test_label_map_lists_every_value_and_names_segments():
     assert prep.LabelMap().map_values([0, 1, 2, 7])[1] == [7]
     assert label_map.segment_value(["Portal  vein", "Vein"], "32764006") == 0
     assert label_map.segment_value(["MASS", "Mass"], None) == 2
+    assert prep.LabelMap().segment_value(["Lesion 3", "Abnormal"], None) == 2  # one segment per lesion
     assert prep.LabelMap().segment_value(["Liver tumor", "Neoplasm"], "108369006") == 2
     assert prep.LabelMap().segment_value(["Segment_1", "Organ"], "10200004") == 1  # by its SNOMED code
     assert prep.LabelMap().segment_value(["Spleen", "Spleen"], "78961009") is None

@@ -113,12 +113,14 @@ class LabelMap:
         return mapping, unknown
 
     def segment_value(self, names: Sequence[str], code: str | None) -> int | None:
-        for name in names:
-            if _fold(name) in self.names:
-                return self.names[_fold(name)]
-        for name in names:
-            if _fold(name) in SEGMENT_NAMES:
-                return SEGMENT_NAMES[_fold(name)]
+        """The output value of a segment: the user's names first, then the known names (a trailing
+        number dropped: "Tumor 2" is a tumor), then the SNOMED CT code of its property type."""
+        folded = [_fold(name) for name in names]
+        for table in (self.names, SEGMENT_NAMES):
+            for name in folded:
+                for key in (name, re.sub(r"\s*\d+$", "", name)):
+                    if key in table:
+                        return table[key]
         return SEGMENT_CODES.get(code or "")
 
 
