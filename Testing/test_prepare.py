@@ -239,6 +239,18 @@ def test_phase_choice_follows_keywords_and_time_and_asks_when_in_doubt(studies):
     assert picked.description == prep.image_series(series)[1].description
     assert "Late arterial" in shown.getvalue() and "<- keyword" in shown.getvalue()
     assert prep.ask_series("P3", "venous", series, [], stdin=io.StringIO("s\n"), stdout=io.StringIO()) is None
+    # what a terminal user sees: only the phase in doubt is asked, the clear studies are not
+    questions = []
+
+    def answer(case, phase, all_series, candidates):
+        questions.append((case, phase))
+        return prep.ask_series(case, phase, all_series, candidates, stdin=io.StringIO("2\n"),
+                               stdout=io.StringIO())
+
+    sources, skipped = prep.dicom_cases(studies, choose=answer, report=lambda line: None)
+    assert questions == [("P3", "arterial")] and not skipped
+    p3 = next(s for s in sources if s.case == "P3")
+    assert p3.details["arterial"]["description"] == "Late arterial" and p3.details["venous"]["description"] == "Venous"
     # keywords agree but the 'arterial' series came after the venous one: a doubt, not a pick
     good = prep.scan_dicom(studies / "P2")
     swapped = [prep.Series(**{**s.__dict__, "time": "235959" if s.description == "ART" else s.time})

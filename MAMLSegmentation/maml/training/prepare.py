@@ -337,6 +337,7 @@ class PhaseChoice:
     chosen: dict[str, Series]  # phase -> series, both phases when decided
     doubt: str = ""  # why it is not decided
     candidates: dict[str, list[Series]] = field(default_factory=dict)
+    pair_in_doubt: bool = False  # one candidate each, but not a valid pair (same series, time order)
 
 
 def pick_phases(series: Sequence[Series]) -> PhaseChoice:
@@ -356,6 +357,7 @@ def pick_phases(series: Sequence[Series]) -> PhaseChoice:
             problems.append("the arterial candidate was not acquired before the venous one")
         else:
             return PhaseChoice({"arterial": arterial, "venous": venous}, "", candidates)
+        return PhaseChoice({}, problems[0], candidates, pair_in_doubt=True)
     return PhaseChoice({}, "; ".join(problems), candidates)
 
 
@@ -497,6 +499,9 @@ def _choose_phases(case, folder, images, series, mapped, choose) -> dict[str, Se
     if choose is not None:
         chosen = {}
         for phase in PHASES:
+            if len(decision.candidates[phase]) == 1 and not decision.pair_in_doubt:
+                chosen[phase] = decision.candidates[phase][0]  # only the other phase is in doubt
+                continue
             picked = choose(case, phase, images, decision.candidates[phase])
             if picked is None:
                 raise CaseRefused(f"skipped at the prompt ({decision.doubt})")
@@ -865,4 +870,6 @@ def summary(result: PrepareResult) -> list[str]:
     if result.skipped:
         lines.append(f"skipped: {len(result.skipped)} case(s):")
         lines.extend(f"  {s.case}: {s.reason}" for s in result.skipped)
+    lines.append(f"next: maml plan --dataset {result.out} --out plans.json; "
+                 f"maml train --dataset {result.out} --out run")
     return lines
