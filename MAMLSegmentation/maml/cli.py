@@ -17,6 +17,7 @@ from .errors import CancelledError, MAMLError, OutOfDistributionError
 COMMANDS = {
     "info": "info",
     "phantom": "phantom",
+    "plan": "plan",
     "train": "train",
     "import-nnunet": "import_nnunet",
     "evaluate": "evaluate",
