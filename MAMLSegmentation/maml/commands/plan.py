@@ -44,14 +44,14 @@ def run(args: argparse.Namespace) -> int:
 
         raise InputError(f"--out {out} is a folder; give the plans file to write, e.g. {out / 'plans.json'}")
     plans = plan_dataset(args.dataset, budget, register=args.register,
-                         normalization=args.normalization, progress=_progress_bar(args.quiet))
+                         normalization=args.normalization, progress=progress_bar(args.quiet))
     write_json(plans, out)
     print(describe(plans))
     print(f"plans written to {out}; train with: maml train --dataset {args.dataset} --config {out} --out RUN")
     return 0
 
 
-def _progress_bar(quiet: bool):
+def progress_bar(quiet: bool):
     if quiet:
         return None
     from tqdm import tqdm

@@ -60,6 +60,7 @@ from ..errors import InputError, ModelError
 
 PLANNER_VERSION = 1
 PLANS_FORMAT = "maml-plans"
+PLANS_FILE = "plans.json"  # what maml train --config auto keeps in the run folder
 
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
 INITIAL_PATCH_VOXELS = 256 ** 3
