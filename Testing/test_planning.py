@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from maml.cli import main as cli_main
+from maml.errors import InputError
 from maml.training.planning import (Budget, cpu_budget, estimate_elements, gpu_budget,
                                     nonzero_bounding_box, plan_configuration, pool_and_conv_props,
                                     features_per_stage, read_configuration_file, unet_elements)
@@ -184,6 +185,14 @@ def test_cpu_budget_rule():
     assert plan["features_per_stage"][0] == 16
     assert all(p % d == 0 for p, d in zip(plan["patch_size"], pool_and_conv_props(
         plan["spacing"], plan["patch_size"]).divisor))
+
+
+def test_a_budget_too_small_is_refused_not_planned_into_a_one_stage_net():
+    liver = FINGERPRINTS["liver"]
+    with pytest.raises(InputError, match="no U-Net of 3 stages fits 0.01 GB"):
+        plan_configuration(liver["spacings"], liver["shapes"], 2, len(LABELS), Budget("gpu", 0.01))
+    with pytest.raises(InputError, match="too small to pool"):
+        plan_configuration([[1.0, 1.0, 1.0]], [[4, 6, 6]], 2, len(LABELS), cpu_budget())
 
 
 def _saved_bytes(module, x) -> int:

@@ -68,6 +68,7 @@ MIN_FEATURE_MAP_EDGE = 4  # the bottleneck keeps >= 4 voxels per axis (pooling n
 BASE_FEATURES = 32
 MAX_FEATURES = 320
 CONVS_PER_STAGE = 2
+MIN_STAGES = 3  # shrinking the patch for a budget stops (an error) before the U-Net gets shallower
 REFERENCE_ELEMENTS = 560_000_000  # counted elements that fit nnU-Net's reference GPU ...
 REFERENCE_GB = 8.0  # ... of this size ...
 REFERENCE_BATCH = 2  # ... at this batch size
@@ -367,6 +368,14 @@ class Budget:
             return MIN_BATCH
         return int(round(self.reference_elements / estimate * REFERENCE_BATCH))
 
+    def describe(self) -> str:
+        if self.kind == "cpu":
+            return f"the CPU rule ({CPU_VOXEL_BUDGET} patch voxels over all phases)"
+        return f"{self.gpu_memory_gb:g} GB of GPU memory"
+
+    def way_out(self) -> str:
+        return "plan for a GPU (--gpu-memory GB)" if self.kind == "cpu" else "give more --gpu-memory"
+
     def to_dict(self) -> dict[str, Any]:
         data = {"kind": self.kind, "source": self.source}
         if self.kind == "gpu":
@@ -416,6 +425,10 @@ def plan_configuration(spacings: Sequence[Sequence[float]], shapes_after_crop: S
     scale = (INITIAL_PATCH_VOXELS / float(np.prod(inverse))) ** (1 / 3)
     initial = [min(float(round(v * scale)), m) for v, m in zip(inverse, median_shape)]
     topology = pool_and_conv_props(spacing, initial)
+    initial_stages = len(topology.strides)
+    if initial_stages < 2:
+        raise InputError(f"the median image ({' x '.join(f'{v:g}' for v in median_shape)} voxels at "
+                         f"the target spacing) is too small to pool once: no U-Net can be planned")
     patch = topology.patch_size
     features = features_per_stage(len(topology.strides), budget.base_features)
     estimate = estimate_elements(patch, topology, features, n_phases, num_classes)
@@ -431,9 +444,12 @@ def plan_configuration(spacings: Sequence[Sequence[float]], shapes_after_crop: S
         patch = list(patch)
         patch[axis] -= step
         if patch[axis] < 1:
-            raise InputError(f"no patch fits the budget ({budget.source}: {budget.to_dict()}); "
-                             "give more --gpu-memory")
+            raise InputError(f"no patch fits {budget.describe()} for {n_phases} phase(s); "
+                             f"{budget.way_out()}")
         topology = pool_and_conv_props(spacing, patch)
+        if len(topology.strides) < min(MIN_STAGES, initial_stages):
+            raise InputError(f"no U-Net of {MIN_STAGES} stages fits {budget.describe()} for "
+                             f"{n_phases} phase(s); {budget.way_out()}")
         patch = topology.patch_size
         features = features_per_stage(len(topology.strides), budget.base_features)
         estimate = estimate_elements(patch, topology, features, n_phases, num_classes)
