@@ -80,7 +80,6 @@ GPU_MEMORY_FRACTION = 0.8
 SAVED_PER_COUNTED = 2.5  # elements a PlainConvUNet keeps for backward per element nnU-Net counts
 CPU_BASE_FEATURES = 16
 CPU_VOXEL_BUDGET = 2 ** 18  # patch voxels summed over the phases
-MAX_FOREGROUND_SAMPLES = 10000  # per case and phase, as maml.training.dataset
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,7 +149,7 @@ def measure_case(dataset, config: ModelConfig, case: str, register: str | None =
     region of the phases on that grid, and foreground (label > 0) voxel samples per phase."""
     import SimpleITK as sitk
 
-    from .dataset import case_seed
+    from .dataset import MAX_FOREGROUND_SAMPLES, case_seed
 
     images, label = _case_images(dataset, config, case, register)
     labels = sitk.GetArrayViewFromImage(label)
