@@ -316,6 +316,12 @@ def test_cli_train_config_auto_plans_then_trains(tiny_dataset, tmp_path):
     assert model.config.patch_size == plans["model_config"]["patch_size"]
     assert model.config.network.strides == plans["model_config"]["network"]["strides"]
     assert load_state(out / STATE_FILE)["options"]["batch_size"] == plans["training_options"]["batch_size"]
+    # the run's plans stay as they are: a second run into OUT is refused, --resume continues
+    written = (out / "plans.json").read_bytes()
+    assert cli_main(["train", "--out", str(out), *common]) == 1
+    assert cli_main(["train", "--out", str(out), "--resume", *common[:2], "--epochs", "2",
+                     "--no-progress"]) == 0
+    assert load_state(out / STATE_FILE)["epoch"] == 2 and (out / "plans.json").read_bytes() == written
     # a plans file is a --config; a given option wins over the planned one
     other = tmp_path / "from_file"
     assert cli_main(["train", "--out", str(other), "--config", str(out / "plans.json"),
