@@ -26,13 +26,14 @@ Memory model (:func:`estimate_elements`). nnU-Net counts the elements of every c
 one PlainConvUNet (encoder, transposed convolutions, segmentation output) and compares the count
 with a reference: 560e6 elements fit an 8 GB GPU at batch size 2 (its ``UNet_reference_val_3d``).
 MAML runs one such U-Net per phase plus the modality-aware (MA) module at the last decoder level, so
-the count is P times a U-Net's plus the MA's, in the same unit. What the MA keeps for the backward
-pass was measured with ``torch.autograd.graph.saved_tensors_hooks`` on the CPU: (6P + 1) C V
-elements for C channels and V voxels (the concatenated input of the dual convolution, P C; per
-phase the concatenation 2C, the 3x3x3 output C, the normalised output C and the attention map C;
-the fused feature map C). A PlainConvUNet keeps about 2.5 elements per element nnU-Net counts
-(measured 2.35-2.66), so the MA adds (6P + 1) C V / 2.5 counted elements plus the fused head's
-output K V: a two-phase network with C = 32 needs about 2.75 times a single U-Net's memory.
+the count is P times a U-Net's plus the MA's, in the same unit. What the MA keeps for the
+backward pass, counted layer by layer, is (6P + 1) C V elements for C channels and V voxels (the
+concatenated input of the dual convolution, P C; per phase the concatenation 2C, the 3x3x3 output
+C, the normalised output C and the attention map C; the fused feature map C). A PlainConvUNet
+keeps about 2.5 elements per element nnU-Net counts (measured with
+``torch.autograd.graph.saved_tensors_hooks`` on the CPU: 2.3-2.7), so the MA adds
+(6P + 1) C V / 2.5 counted elements plus the fused head's output K V: a two-phase network with
+C = 32 needs about 2.8 times a single U-Net's memory (measured 2.70-2.85).
 ``Testing/test_planning.py`` measures this ratio again. The loss is not counted (nnU-Net does not
 count its own either).
 
