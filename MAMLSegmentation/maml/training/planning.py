@@ -38,8 +38,8 @@ C = 32 needs about 2.8 times a single U-Net's memory (measured 2.70-2.85).
 count its own either).
 
 The CPU budget (``--cpu``) is a rule, not a memory estimate: 16 base features and a patch of at most
-2^18 / P voxels (32 x 64 x 64 for two phases), batch size 2, so one iteration takes seconds on a few
-cores.
+2^18 / P voxels (32 x 64 x 64 for two phases), batch size 2: about 3 times the work per iteration
+of the ``demo`` preset (8 base features, the same patch).
 
 The intensity statistics in the fingerprint are for reading; ``ct_dataset`` normalisation takes its
 statistics from the training fold when training starts (nnU-Net takes them from every case, the
