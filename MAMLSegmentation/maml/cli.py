@@ -18,6 +18,7 @@ COMMANDS = {
     "info": "info",
     "phantom": "phantom",
     "prepare": "prepare",
+    "plan": "plan",
     "train": "train",
     "import-nnunet": "import_nnunet",
     "evaluate": "evaluate",

@@ -22,10 +22,12 @@ def configure(parser):
                         "imagesTr, labelsTr); channel names are the phase names")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, logs, preprocessed cache)")
     parser.add_argument("--config", default=None,
-                        help="model configuration: a preset (paper, code, demo), a JSON file, or "
-                             "init (network, spacing and patch size of the first --init-from "
-                             "model; the default when --init-from is given), else paper (for a "
-                             "GPU; demo trains on a CPU)")
+                        help="model configuration: auto (the default: plan spacing, patch, network "
+                             "and batch size from the data set as maml plan does, for the GPU's "
+                             "memory or the CPU rule, and keep the plans in OUT/plans.json), a "
+                             "preset (paper, code, demo), a plans file from maml plan, a "
+                             "configuration JSON file, or init (network, spacing and patch size of "
+                             "the first --init-from model; the default when --init-from is given)")
     parser.add_argument("--init-from", nargs="+", metavar="PHASE=PATH",
                         help="start these phases' backbones from trained one-phase models: MAML "
                              "checkpoints from maml import-nnunet or nnU-Net v2 model folders "
@@ -89,7 +91,8 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from ..config import PRESETS, ModelConfig
+    from ..config import PRESETS
+    from ..errors import MAMLError
     from ..training.options import default_options
     from ..training.trainer import train
 
@@ -97,8 +100,12 @@ def run(args) -> int:
 
     init_from = parse_init_sources(args.init_from)
     if args.config is None:
-        args.config = "init" if init_from else "paper"
-    if args.config == "init":
+        args.config = "init" if init_from else "auto"
+    planned: dict = {}  # training options a plan chose (the batch size)
+    created = not Path(args.out).exists()
+    if args.config == "auto":
+        config, planned, preset = *_auto_config(args), None
+    elif args.config == "init":
         if not init_from:
             from ..errors import InputError
 
@@ -108,7 +115,9 @@ def run(args) -> int:
     elif args.config in PRESETS:
         config, preset = PRESETS[args.config](), args.config
     elif Path(args.config).is_file():
-        config, preset = ModelConfig.from_json_file(args.config), None
+        from ..training.planning import read_configuration_file
+
+        (config, planned), preset = read_configuration_file(args.config), None
     else:
         from ..errors import InputError
 
@@ -119,13 +128,65 @@ def run(args) -> int:
              if getattr(args, arg) is not None}
     if "fold" in given:
         given["fold"] = str(given["fold"])
-    options = default_options(preset, **given)
-    result = train(args.dataset, args.out, config, options, resume=args.resume,
-                   overrides=list(given), progress=not args.no_progress,
-                   command="maml train " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["train"] else []),
-                   init_from=init_from)
+    options = default_options(preset, **{**planned, **given})
+    try:
+        result = train(args.dataset, args.out, config, options, resume=args.resume,
+                       overrides=list(given), progress=not args.no_progress,
+                       command="maml train " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["train"] else []),
+                       init_from=init_from)
+    except MAMLError:
+        if created:
+            _remove_lone_plans(Path(args.out))
+        raise
     if result.best_epoch is not None:
         best = "" if result.best_metric is None else f" (validation mean Dice {result.best_metric:.4f})"
         print(f"done: {result.epochs_done} epochs; best epoch {result.best_epoch}{best}; "
               f"{Path(args.out) / 'checkpoint_best.pt'}")
     return 0
+
+
+def _auto_config(args):
+    """--config auto: plans for the device training will use and keeps them in OUT/plans.json.
+
+    Phases are not registered for planning: the plan needs the label grid only (their intensity
+    statistics, which registration would complete, are for reading; training measures its own).
+    """
+    import os
+    import sys
+    from pathlib import Path
+
+    from ..config import ModelConfig, paper_config
+    from ..errors import InputError
+    from ..inference import resolve_device
+    from ..io import write_json
+    from ..training.planning import (PLANS_FILE, cpu_budget, describe, gpu_budget, plan_dataset,
+                                     read_configuration_file)
+    from ..training.state import STATE_FILE
+
+    out = Path(args.out)
+    if (out / STATE_FILE).is_file():
+        if not args.resume:
+            raise InputError(f"{out} already holds a training run ({STATE_FILE}); pass --resume "
+                             "to continue it or choose another --out")
+        if (out / PLANS_FILE).is_file():
+            return read_configuration_file(out / PLANS_FILE)
+        return paper_config(), {}  # not used: a resumed run keeps its saved configuration
+    device = resolve_device(args.device or "auto")
+    budget = gpu_budget() if device.type == "cuda" else cpu_budget()
+    from .plan import progress_bar
+
+    plans = plan_dataset(args.dataset, budget, normalization=args.normalization,
+                         progress=progress_bar(args.no_progress))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(describe(plans), file=sys.stderr)
+        write_json(plans, out / PLANS_FILE)
+    return ModelConfig.from_dict(plans["model_config"]), dict(plans["training_options"])
+
+
+def _remove_lone_plans(out) -> None:
+    """A refused run leaves nothing behind: the folder this command made for the plans alone."""
+    from ..training.planning import PLANS_FILE
+
+    if out.is_dir() and [p.name for p in out.iterdir()] == [PLANS_FILE]:
+        (out / PLANS_FILE).unlink()
+        out.rmdir()
