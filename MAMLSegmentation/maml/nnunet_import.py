@@ -434,8 +434,10 @@ def provenance(model: NNUNetFolder, folds: Sequence[str], checkpoint: str, roles
 
 
 def backbone_source(source: str | Path, phase: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The configuration and one backbone's weights (key -> tensor, PlainConvUNet names) of an
-    imported one-phase MAML checkpoint or an nnU-Net model folder, for ``maml train --init-from``.
+    """The configuration and one backbone's weights (key -> tensor, PlainConvUNet names) of a
+    one-phase MAML checkpoint (e.g. imported), the same-named phase of a MAML model of several
+    phases (a new model starting from an earlier one's backbones, its MA module fresh), or an
+    nnU-Net model folder, for ``maml train --init-from``.
     Of several folds, the first one's backbone is taken (averaging the weights of separately trained
     networks would give a network that none of them is)."""
     path = Path(source)
@@ -456,10 +458,11 @@ def backbone_source(source: str | Path, phase: str) -> tuple[ModelConfig, dict[s
 
     loaded = load_model(path)
     network = loaded.network.members[0] if isinstance(loaded.network, FoldEnsemble) else loaded.network
+    if phase in network.phases:  # a MAML model of several phases: that phase's own backbone
+        return loaded.config, network.backbones[phase].state_dict()
     if len(network.phases) != 1:
-        raise InputError(f"--init-from {path}: a model of one phase is needed (it has "
-                         f"{network.phases}); MAML checkpoints of two phases are resumed or "
-                         "fine-tuned, not used as backbones")
+        raise InputError(f"--init-from {phase}={path}: the model has phases {network.phases}, not "
+                         f"{phase!r}; give a model of that phase or of one phase")
     return loaded.config, network.backbones[network.phases[0]].state_dict()
 
 
