@@ -499,3 +499,18 @@ def test_cli_train_init_from_starts_both_backbones_from_a_one_phase_model(datase
                 torch.testing.assert_close(value, backbone[key], atol=1e-6, rtol=0)
     assert cli_main(["train", "--dataset", str(dataset), "--out", str(tmp_path / "x"),
                      "--init-from", f"portal={source}"]) == 1  # the data set has no such phase
+
+
+def test_init_from_a_two_phase_model_takes_each_phase_its_own_backbone(tmp_path):
+    from maml.model import save_checkpoint
+    from maml.network import MAMLNet
+    from maml.nnunet_import import backbone_source
+
+    config = tiny_model_config()
+    earlier = MAMLNet(config)
+    save_checkpoint(tmp_path / "earlier.pt", earlier, config, {})
+    for phase in ("arterial", "venous"):
+        _, state = backbone_source(tmp_path / "earlier.pt", phase)
+        assert state_dicts_equal(state, earlier.backbones[phase].state_dict())
+    with pytest.raises(InputError, match="portal"):
+        backbone_source(tmp_path / "earlier.pt", "portal")
