@@ -1,4 +1,4 @@
-"""The dual-phase liver CT phantom (maml.phantom) and the ``maml phantom`` subcommand."""
+"""The dual-phase liver CT phantom (maml.synthetic) and the ``maml phantom`` subcommand."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from maml import phantom
+from maml import synthetic as phantom
 from maml.cli import main
 from maml.errors import InputError
+from maml.synthetic.scanner import SLICE_CHOICES
 
 
 def arr(image: sitk.Image) -> np.ndarray:
@@ -152,13 +153,15 @@ def test_one_phase_and_cyst_tumors_and_no_tumor():
 # ----------------------------------------------------------------------------------------- geometry
 
 
-def test_spacing_is_anisotropic_as_specified(demo_case):
+def test_demo_geometry_is_drawn_per_case_within_the_protocol_ranges(demo_case):
     ven = demo_case.images["venous"]
     sx, sy, sz = ven.GetSpacing()
-    assert sx == sy and 1.9 <= sx <= 2.3
-    assert sz in (2.5, 3.0) and sz > sx
-    assert ven.GetSize() == (160, 160, 80)
+    assert sx == sy and 1.0 <= sx <= 4.5
+    assert sz in SLICE_CHOICES
+    nx, ny, nz = ven.GetSize()
+    assert 0.5 < nx * ny * nz / (160 * 160 * 80) < 1.6
     assert ven.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    assert list(ven.GetSize()) == demo_case.info["grid_xyz"]
 
 
 def test_arterial_geometry_and_anatomy_differ(demo_case):

@@ -147,7 +147,7 @@ def results(pair):
 @pytest.fixture(scope="module")
 def phantom_results():
     """Two demo-size phantom cases with known breathing motion, default (deformable) preset."""
-    from maml.phantom import make_case
+    from maml.synthetic import make_case
 
     out = []
     for seed in (0, 1):
