@@ -275,10 +275,16 @@ def draw_anatomy(rng: np.random.Generator, grid: _Grid, body: dict):
     pan_a = conf + np.array([-18, -6, -8])
     pan_b = spl_hilum + np.array([-8, -6, 8])
     _vessel(rng, grid, tissue, pan_a, pan_b, rng.uniform(10, 13), rng.uniform(7, 10), PANCREAS, (VFAT,), jitter=0.08)
-    for _ in range(int(rng.integers(7, 12))):
-        a = np.array([rng.uniform(-0.75, 0.75) * Ain, rng.uniform(-0.85, 0.0) * Bain, rng.uniform(-260, -70)])
+    # Small bowel loops fill the lower abdomen; colon (hepatic and splenic flexures) and duodenum lie
+    # against the liver: soft-tissue structures next to it that a segmenter must leave out.
+    loops = [(np.array([rng.uniform(-0.8, 0.8) * Ain, rng.uniform(-0.9, 0.1) * Bain, rng.uniform(-260, -60)]),
+              rng.uniform(9, 16)) for _ in range(int(rng.integers(12, 24)))]
+    for side in (-1, 1):
+        loops.append((np.array([side * rng.uniform(0.4, 0.7) * Ain, rng.uniform(-0.4, 0.2) * Bain,
+                                -rng.uniform(90, 150)]), rng.uniform(16, 26)))
+    loops.append((hilum + np.array([rng.uniform(5, 20), -rng.uniform(10, 25), -rng.uniform(20, 40)]), rng.uniform(9, 13)))
+    for a, r in loops:
         b = a + rng.normal(0, 35, 3)
-        r = rng.uniform(9, 16)
         _vessel(rng, grid, tissue, a, b, r, r, BOWEL_WALL, (VFAT,), bends=2)
         _vessel(rng, grid, tissue, a, b, r - 3, r - 3, GAS if rng.random() < 0.3 else BOWEL_CONTENT, (BOWEL_WALL,),
                 bends=1)

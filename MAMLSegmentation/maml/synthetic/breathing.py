@@ -82,7 +82,7 @@ def _inverse(rigid: sitk.Euler3DTransform, bs: sitk.BSplineTransform, domain, st
         u_new = -_trilinear(d, grid_idx + u / step)
         change = float(np.abs(u_new - u).max())
         u = u_new
-        if change < 1e-4:
+        if change < 1e-3:  # mm
             break
     inv_img = sitk.GetImageFromArray(u.reshape(d.shape), isVector=True)
     inv_img.CopyInformation(field_img)

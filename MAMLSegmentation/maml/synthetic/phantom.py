@@ -217,7 +217,7 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
     lz_i, ly_i, lx_i = np.nonzero(label[vsl] > 0)
     liver_c = np.array([lx_i.mean() * sxy, ly_i.mean() * sxy, lz_i.mean() * sz]) + venous_origin
     a2v, rigid, bs, breathing = _breathing(rng, venous_label, domain, liver_c)
-    v_from_a = _inverse(rigid, bs, domain, step=6.0)
+    v_from_a = _inverse(rigid, bs, domain, step=8.0)
     art_origin = venous_origin + np.array([rng.uniform(-4, 4), rng.uniform(-4, 4), rng.uniform(-10, 10)])
     art_nz = nz + int(rng.integers(-3, 4))
     art_ref = sitk.Image([nx, ny, art_nz], sitk.sitkFloat32)
