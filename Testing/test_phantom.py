@@ -107,7 +107,8 @@ def test_hounsfield_units_are_plausible(demo_case):
 
 
 def _tumor_voxels(case, tumor, phase):
-    """Label-2 voxels within 0.6 radius of the tumor centre, in the phase's own geometry."""
+    """Label-2 voxels of the tumor's viable part, in the phase's own geometry: within 0.6 radius of
+    its centre, or 0.65-0.9 radius around a necrotic core (necrosis is fluid in both phases)."""
     image, label = case.images[phase], case.labels[phase]
     centre = tumor["centre_mm"]
     if phase == "arterial":
@@ -115,7 +116,8 @@ def _tumor_voxels(case, tumor, phase):
     size = np.array(image.GetSize())
     idx = np.indices(size[::-1]).reshape(3, -1)[::-1].T  # (x, y, z) per voxel, array order
     pts = np.asarray(image.GetOrigin()) + idx * np.asarray(image.GetSpacing())
-    near = (np.linalg.norm(pts - centre, axis=1) < 0.6 * tumor["radius_mm"]).reshape(size[::-1])
+    dist = np.linalg.norm(pts - centre, axis=1) / tumor["radius_mm"]
+    near = ((dist > 0.65) & (dist < 0.9) if tumor["necrotic"] else dist < 0.6).reshape(size[::-1])
     return near & (arr(label) == 2)
 
 
@@ -313,7 +315,7 @@ def test_protocol_spans_slice_thickness_pixels_and_noise_around_the_demo_voxel_c
     assert 8.0 <= noise.min() and noise.max() <= 30.0 and noise.max() - noise.min() > 18
     grains = [p["noise_grain_mm"] for p in protocols]
     assert min(grains) < 0.7 and max(grains) > 1.4
-    assert 0.04 < np.mean([p["fov_shift_x"] < -15 for p in protocols]) < 0.2  # some fields cut the liver side
+    assert 0.04 < np.mean([abs(p["fov_shift_x"]) > 15 for p in protocols]) < 0.25  # some fields cut a side
 
 
 def test_contrast_timing_gives_published_hu_ranges_per_phase():

@@ -100,8 +100,12 @@ class LiverPlacer:
         self.vbox = [(axis[v.start], axis[v.stop - 1]) for axis, v in ((grid.z, vz), (grid.y, vy), (grid.x, vx))]
         self.taken: list[tuple[np.ndarray, float]] = []
 
-    def centre(self, radius: float, depth_range=None, shrink=True):
-        """A centre for a lesion of ``radius`` (smaller if it must shrink to fit); (centre, radius) or None."""
+    def centre(self, radius: float, depth_range=None, shrink=True, depth_factor=0.55):
+        """A centre for a lesion of ``radius`` (smaller if it must shrink to fit); (centre, radius) or None.
+
+        The centre lies ``depth_factor * radius`` (+ 2 mm) below the liver surface, or at a depth
+        within ``depth_range`` (mm); a lesion reaching the surface is cut flat by it (subcapsular).
+        """
         rmin = radius * 0.6
         for _attempt in range(5):
             (z0, z1), (y0, y1), (x0, x1) = self.vbox
@@ -110,7 +114,7 @@ class LiverPlacer:
             yin = (self.ys > y0 + m) & (self.ys < y1 - m)
             xin = (self.xs > x0 + m) & (self.xs < x1 - m)
             if depth_range is None:
-                ok = self.depth > max(0.55 * radius + 2.0, 3.0)
+                ok = self.depth > max(depth_factor * radius + 2.0, 3.0)
             else:
                 ok = (self.depth > depth_range[0]) & (self.depth < depth_range[1])
             ok &= zin[:, None, None] & yin[None, :, None] & xin[None, None, :]
@@ -217,8 +221,10 @@ def paint_mimic(rng, grid: _Grid, tissue, tex, index: int, kind: str, centre, ra
     return {"kind": kind, "centre_rel": [float(c) for c in centre], "radius_mm": round(float(radius), 2), "code": code}
 
 
-def place_lesions(rng, grid: _Grid, tissue, tex, liver_sl, venous_slices, plan, mimics) -> tuple[list, list]:
-    """Paint the mimics, then the tumors; lesions that find no room are left out."""
+def place_lesions(rng, grid: _Grid, tissue, tex, liver_sl, venous_slices, plan, mimics,
+                  subcapsular: float = 0.25) -> tuple[list, list]:
+    """Paint the mimics, then the tumors (a fraction ``subcapsular`` of them at the liver surface);
+    lesions that find no room are left out."""
     placer = LiverPlacer(rng, grid, tissue, liver_sl, venous_slices)
     placed_mimics = []
     for kind, radius in mimics:
@@ -228,7 +234,8 @@ def place_lesions(rng, grid: _Grid, tissue, tex, liver_sl, venous_slices, plan, 
             placed_mimics.append(paint_mimic(rng, grid, tissue, tex, len(placed_mimics), kind, *found))
     tumors = []
     for kind, radius in plan:
-        found = placer.centre(radius)
+        # A quarter of the tumors lie just under the capsule (they bulge into or flatten at the surface).
+        found = placer.centre(radius, depth_factor=0.2 if rng.random() < subcapsular else 0.55)
         if found is not None:
             tumors.append(paint_tumor(rng, grid, tissue, tex, len(tumors), kind, *found))
     return tumors, placed_mimics

@@ -160,7 +160,9 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
         mimics_planned = mimic_plan(rng, timing["steatosis"])
     else:
         mimics_planned = [(k, float(rng.uniform(5, 12))) for k in mimic_kinds]
-    tumors, mimics = place_lesions(rng, grid, tissue, tex, liver_sl, vsl, plan, mimics_planned)
+    # Tumors the caller names are placed whole inside the liver (tests measure their interior).
+    tumors, mimics = place_lesions(rng, grid, tissue, tex, liver_sl, vsl, plan, mimics_planned,
+                                   subcapsular=0.25 if tumor_kinds is None else 0.0)
 
     # Each tissue's HU in both phases, from the case's contrast timing.
     lut = np.zeros((2, 256), np.float32)

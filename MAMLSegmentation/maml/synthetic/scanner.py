@@ -52,7 +52,8 @@ def draw_protocol(rng: np.random.Generator, spec: dict, body_width_mm: float) ->
     cut = rng.random() < 0.2
     fov = body_width_mm * (float(rng.uniform(0.85, 0.97)) if cut else float(rng.uniform(1.04, 1.3)))
     sxy = float(round(fov / n_xy, 4))
-    shift = float(rng.uniform(-40, 15)) if cut else float(rng.uniform(-10, 10))
+    # Field-of-view centre (mm along x) off the body's: a cut field loses either side, the liver's too.
+    shift = float(rng.uniform(-40, 40)) if cut else float(rng.uniform(-10, 10))
     protocol.update(size=(n_xy, n_xy, nz), spacing=(sxy, sxy, sz), fov_shift_x=shift)
     return protocol
 
