@@ -341,6 +341,10 @@ def test_tumor_counts_sizes_and_mimics_over_many_cases():
     assert diameters.min() >= 3.0 and diameters.max() <= 80.0
     assert (diameters < 10).mean() > 0.1 and (diameters > 40).mean() > 0.02  # many small, a few large
     assert all(k != "cyst" for p in plans for k, _ in p)  # random cysts are mimics, labelled liver
+    # Coarse voxels: no tumor smaller than the case's visible size is labelled.
+    coarse = [tumor_plan(np.random.default_rng(s), contrast.TUMOR_KINDS, contrast.KIND_WEIGHTS, min_diameter=10.0)
+              for s in range(200)]
+    assert min(2 * r for p in coarse for _, r in p) >= 10.0
     mimics = [mimic_plan(np.random.default_rng(s), steatosis=s % 5 == 0) for s in range(600)]
     kinds = {k for m in mimics for k, _ in m}
     assert kinds == set(phantom.MIMIC_KINDS)

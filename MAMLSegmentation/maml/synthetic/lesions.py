@@ -39,8 +39,12 @@ N_TUMORS_P = (0.15, 0.22, 0.17, 0.13, 0.1, 0.08, 0.06, 0.05, 0.04)  # P(0 tumors
 MIN_DIAMETER_MM, MAX_DIAMETER_MM = 3.0, 80.0
 
 
-def tumor_plan(rng, kinds_all, weights, tumor_kinds=None) -> list[tuple[str, float]]:
-    """(kind, radius mm) of each tumor to place: random, or the caller's kinds at their typical sizes."""
+def tumor_plan(rng, kinds_all, weights, tumor_kinds=None, min_diameter: float = MIN_DIAMETER_MM) -> list[tuple[str, float]]:
+    """(kind, radius mm) of each tumor to place: random, or the caller's kinds at their typical sizes.
+
+    Random tumors are at least ``min_diameter`` across: a lesion smaller than a voxel or two would
+    be labelled where nothing shows (no reader would outline it), teaching a model to guess.
+    """
     if tumor_kinds is not None:
         return [(k, float(rng.uniform(*_KIND_RADIUS[k]))) for k in tumor_kinds]
     n = int(rng.choice(len(N_TUMORS_P), p=N_TUMORS_P))
@@ -50,7 +54,7 @@ def tumor_plan(rng, kinds_all, weights, tumor_kinds=None) -> list[tuple[str, flo
     for _ in range(n):
         kind = main if rng.random() < 0.7 else str(rng.choice(kinds_all, p=weights))
         lo, hi = _KIND_DIAMETER[kind]
-        d = _truncated_lognormal(rng, 18.0, 0.7, lo, hi)
+        d = _truncated_lognormal(rng, 18.0, 0.7, max(lo, min(min_diameter, hi / 2)), hi)
         plan.append((kind, d / 2))
     return plan
 

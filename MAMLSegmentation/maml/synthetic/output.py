@@ -97,7 +97,7 @@ def write_contact_sheet(views: list[dict], path) -> Path:
                          fontsize=8)
         axes[r][0].set_ylabel(v["title"], fontsize=8)
     fig.suptitle("MAML phantom cases (synthetic, W400 L50; green liver, red tumor)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png", metadata={"Software": None}))
     plt.close(fig)
     return path

@@ -40,7 +40,7 @@ from .anatomy import draw_anatomy
 from .breathing import _breathing, _inverse
 from .contrast import (AORTA, KIND_WEIGHTS, LIVER, LIVER_CODES, MIMIC_KINDS, PORTAL, TUMOR_BASE, TUMOR_KINDS,
                        draw_timing, lesion_hu, mimic_hu, tissue_hu)
-from .lesions import mimic_plan, place_lesions, tumor_plan
+from .lesions import MIN_DIAMETER_MM, mimic_plan, place_lesions, tumor_plan
 from .scanner import draw_protocol, image, scan
 from .shapes import _Grid
 
@@ -155,7 +155,8 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
     vsl = (slice(pad_z, pad_z + nz), slice(pad_xy, pad_xy + ny), slice(pad_xy, pad_xy + nx))
 
     tissue, tex, liver_sl, has_gb = draw_anatomy(rng, grid, body)
-    plan = tumor_plan(rng, TUMOR_KINDS, KIND_WEIGHTS, tumor_kinds)
+    min_tumor_mm = max(MIN_DIAMETER_MM, sz, 2.0 * sxy)  # visible: about a slice and two pixels across
+    plan = tumor_plan(rng, TUMOR_KINDS, KIND_WEIGHTS, tumor_kinds, min_diameter=min_tumor_mm)
     if mimic_kinds is None:
         mimics_planned = mimic_plan(rng, timing["steatosis"])
     else:
@@ -262,6 +263,7 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
                       for name, code in key_tissues.items()},
         "contrast_timing": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing.items()},
         "body_width_mm": round(2 * float(body["A"]), 1),
+        "min_tumor_diameter_mm": round(float(min_tumor_mm), 2),
         "liver_volume_ml": round(float((label[vsl] > 0).sum()) * voxel_ml, 1),
         "liver_centre_mm": [round(float(c), 2) for c in liver_c],
         "gallbladder": bool(has_gb),
