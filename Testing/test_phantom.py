@@ -134,7 +134,9 @@ def test_tumor_kinds_enhance_as_described(demo_case):
             means[kind, phase] = np.mean(image[m]) - liver
     assert means["hypervascular", "arterial"] > 20  # bright in the arterial phase
     assert means["hypervascular", "venous"] < 0  # washout
-    assert means["hypovascular", "venous"] < -25  # dark, clearest in the venous phase
+    # Dark, clearest in the venous phase, by what the case drew (>= 18 HU: weakly conspicuous cases exist).
+    assert means["hypovascular", "venous"] < -12
+    assert abs(means["hypovascular", "venous"] - kinds["hypovascular"]["contrast_hu"]["venous"]) < 10
     assert means["hypovascular", "venous"] < means["hypovascular", "arterial"]
     assert kinds["hypervascular"]["visible_phases"] == ["arterial", "venous"]
     assert "venous" in kinds["hypovascular"]["visible_phases"]

@@ -150,7 +150,9 @@ def phantom_results():
     from maml.synthetic import make_case
 
     out = []
-    for seed in (0, 1):
+    # Case 8's venous field of view lies inside case 0's arterial one (the generator draws fields of
+    # view and z extents per case), so registering the unrelated pair runs and its quality is judged.
+    for seed in (8, 0):
         case = make_case(seed, "demo")
         result = reg.register(case.images["venous"], case.images["arterial"])
         out.append((case, result))

@@ -114,7 +114,10 @@ class LiverPlacer:
         for _attempt in range(5):
             (z0, z1), (y0, y1), (x0, x1) = self.vbox
             m = 0.5 * radius + 1.0
-            zin = (self.zs > z0 + m) & (self.zs < z1 - m)
+            # The arterial image is shifted by up to 10 mm and breathing by up to 15 mm along z:
+            # keep lesions inside both phases' slices.
+            mz = m + min(25.0, 0.2 * (z1 - z0))
+            zin = (self.zs > z0 + mz) & (self.zs < z1 - mz)
             yin = (self.ys > y0 + m) & (self.ys < y1 - m)
             xin = (self.xs > x0 + m) & (self.xs < x1 - m)
             if depth_range is None:
@@ -128,7 +131,8 @@ class LiverPlacer:
                     j = int(self.rng.integers(len(cz)))
                     sl = self.liver_sl
                     c = np.array([self.grid.x[sl[2]][cx[j]], self.grid.y[sl[1]][cy[j]], self.zs[cz[j]]], float)
-                    if all(np.linalg.norm(c - p) > radius + r + 3 for p, r in self.taken):
+                    # Apart by their radii plus elongation and lobulation (a quarter) and 3 mm.
+                    if all(np.linalg.norm(c - p) > 1.25 * (radius + r) + 3 for p, r in self.taken):
                         self.taken.append((c, radius))
                         return c, radius
             if not shrink:
@@ -155,6 +159,14 @@ def _blob(rng, grid: _Grid, centre, radius, lobulation, elongation=0.18):
     return sl, d, inner
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected part of ``mask``: a lobulated outline must not shed islands (extra lesions)."""
+    if not mask.any():
+        return mask
+    parts = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    return sitk.GetArrayViewFromImage(parts) == 1
+
+
 def paint_tumor(rng, grid: _Grid, tissue, tex, index: int, kind: str, centre, radius: float) -> dict:
     """A tumor of ``kind`` into liver voxels: body, rim or capsule, necrosis (codes TUMOR_BASE + 3 * index + part)."""
     assert index < MAX_TUMORS
@@ -162,7 +174,7 @@ def paint_tumor(rng, grid: _Grid, tissue, tex, index: int, kind: str, centre, ra
     lob = {"cyst": 0.03}.get(kind, rng.uniform(0.04, 0.2))
     sl, d, inner = _blob(rng, grid, centre, radius, lob)
     sub = tissue[sl]
-    body = (d < 1.0) & np.isin(sub, LIVER_CODES)
+    body = _largest_component((d < 1.0) & np.isin(sub, LIVER_CODES))
     # Rim and capsule are at least one voxel thick, else they vanish at coarse resolution.
     vox = min(grid.spacing)
     rim_mm = {"hypervascular": rng.uniform(1.0, 3.0), "hypovascular": rng.uniform(1.5, 5.0),
