@@ -8,8 +8,9 @@ import numpy as np
 import SimpleITK as sitk
 
 
-def _breathing(rng, venous_ref: sitk.Image, domain: tuple, liver_c_world) -> sitk.Transform:
-    """Venous -> arterial transform: rigid (shift + rotation about the liver) after a B-spline warp."""
+def breathing_transform(rng, venous_ref: sitk.Image, domain: tuple, liver_c_world) -> tuple:
+    """(venous -> arterial transform, its rigid part, its B-spline part, a summary): rigid (shift +
+    rotation about the liver) after a B-spline warp."""
     tz = rng.uniform(5, 15) * rng.choice([-1.0, 1.0])
     t = (rng.uniform(-3, 3), rng.uniform(-3, 3), tz)
     ang = np.deg2rad(rng.uniform(1, 3))
@@ -66,7 +67,7 @@ def _trilinear(field: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _inverse(rigid: sitk.Euler3DTransform, bs: sitk.BSplineTransform, domain, step: float) -> sitk.Transform:
+def invert_breathing(rigid: sitk.Euler3DTransform, bs: sitk.BSplineTransform, domain, step: float) -> sitk.Transform:
     """Arterial -> venous point mapping: inverse B-spline (fixed-point iteration) after the inverse rigid."""
     origin, size_mm = domain
     size = [int(math.ceil(s / step)) + 1 for s in size_mm]

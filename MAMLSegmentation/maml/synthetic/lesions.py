@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .contrast import LIVER, LIVER_CODES, MAX_MIMICS, MAX_TUMORS, MIMIC_BASE, TUMOR_BASE
-from .shapes import _Grid, _local, _noise, _rot, _tube
+from .shapes import Grid, local_coords, smooth_noise, rotation, tube
 
 # Diameter range (mm) per tumor kind for random cases.
 _KIND_DIAMETER = {
@@ -90,7 +90,7 @@ def _truncated_lognormal(rng, median: float, sigma: float, lo: float, hi: float)
 class LiverPlacer:
     """Finds centres for lesions deep enough inside the liver, within the venous slices, apart from each other."""
 
-    def __init__(self, rng, grid: _Grid, tissue, liver_sl, venous_slices):
+    def __init__(self, rng, grid: Grid, tissue, liver_sl, venous_slices):
         self.rng, self.grid, self.liver_sl = rng, grid, liver_sl
         lmask = np.isin(tissue[liver_sl], LIVER_CODES).astype(np.uint8)
         img = sitk.GetImageFromArray(lmask)
@@ -143,19 +143,19 @@ class LiverPlacer:
         return None
 
 
-def _blob(rng, grid: _Grid, centre, radius, lobulation, elongation=0.18):
+def _blob(rng, grid: Grid, centre, radius, lobulation, elongation=0.18):
     """Box slices, normalised radial distance d (1 on the outline) and an interior texture field."""
     axes = radius * rng.uniform(1 - elongation, 1 + elongation, 3)
     axes *= radius / float(np.prod(axes) ** (1 / 3))
-    rot = _rot(*rng.uniform(-np.pi, np.pi, 3))
+    rot = rotation(*rng.uniform(-np.pi, np.pi, 3))
     r = float(axes.max()) * (1.25 + lobulation) + 3
     sl, Z, Y, X = grid.box(centre - r, centre + r)
     shp = tuple(s.stop - s.start for s in sl)
-    u, v, w = _local(Z, Y, X, centre, rot)
+    u, v, w = local_coords(Z, Y, X, centre, rot)
     d = np.sqrt((u / axes[0]) ** 2 + (v / axes[1]) ** 2 + (w / axes[2]) ** 2)
     if lobulation:
-        d = d * (1.0 + lobulation * _noise(rng, shp, grid.spacing_zyx, max(radius * 0.6, 4.0)))
-    inner = _noise(rng, shp, grid.spacing_zyx, max(radius * 0.35, 2.5))
+        d = d * (1.0 + lobulation * smooth_noise(rng, shp, grid.spacing_zyx, max(radius * 0.6, 4.0)))
+    inner = smooth_noise(rng, shp, grid.spacing_zyx, max(radius * 0.35, 2.5))
     return sl, d, inner
 
 
@@ -167,7 +167,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return sitk.GetArrayViewFromImage(parts) == 1
 
 
-def paint_tumor(rng, grid: _Grid, tissue, tex, index: int, kind: str, centre, radius: float) -> dict:
+def paint_tumor(rng, grid: Grid, tissue, tex, index: int, kind: str, centre, radius: float) -> dict:
     """A tumor of ``kind`` into liver voxels: body, rim or capsule, necrosis (codes TUMOR_BASE + 3 * index + part)."""
     assert index < MAX_TUMORS
     code = TUMOR_BASE + 3 * index
@@ -207,7 +207,7 @@ def paint_tumor(rng, grid: _Grid, tissue, tex, index: int, kind: str, centre, ra
     }
 
 
-def paint_mimic(rng, grid: _Grid, tissue, tex, index: int, kind: str, centre, radius: float) -> dict:
+def paint_mimic(rng, grid: Grid, tissue, tex, index: int, kind: str, centre, radius: float) -> dict:
     """A look-alike into liver parenchyma (codes MIMIC_BASE + 3 * index + part; the label stays liver)."""
     code = MIMIC_BASE + 3 * index
     if kind == "vessel":
@@ -216,7 +216,7 @@ def paint_mimic(rng, grid: _Grid, tissue, tex, index: int, kind: str, centre, ra
         direction /= np.linalg.norm(direction)
         half = rng.uniform(8, 25) * direction
         r = radius * rng.uniform(0.3, 0.6)
-        _tube(grid, tissue, centre - half, centre + half, r, r * rng.uniform(0.7, 1.0), code, (LIVER,))
+        tube(grid, tissue, centre - half, centre + half, r, r * rng.uniform(0.7, 1.0), code, (LIVER,))
         return {"kind": kind, "centre_rel": [float(c) for c in centre], "radius_mm": round(float(r), 2), "code": code}
     lob = {"cyst": 0.02, "hemangioma": rng.uniform(0.04, 0.12)}.get(kind, rng.uniform(0.2, 0.35))
     elong = {"perfusion": 0.45, "focal_fat": 0.45, "fat_sparing": 0.35}.get(kind, 0.15)
@@ -237,7 +237,7 @@ def paint_mimic(rng, grid: _Grid, tissue, tex, index: int, kind: str, centre, ra
     return {"kind": kind, "centre_rel": [float(c) for c in centre], "radius_mm": round(float(radius), 2), "code": code}
 
 
-def place_lesions(rng, grid: _Grid, tissue, tex, liver_sl, venous_slices, plan, mimics,
+def place_lesions(rng, grid: Grid, tissue, tex, liver_sl, venous_slices, plan, mimics,
                   subcapsular: float = 0.25) -> tuple[list, list]:
     """Paint the mimics, then the tumors (a fraction ``subcapsular`` of them at the liver surface);
     lesions that find no room are left out."""

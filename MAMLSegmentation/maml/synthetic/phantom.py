@@ -37,12 +37,12 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from .anatomy import draw_anatomy
-from .breathing import _breathing, _inverse
+from .breathing import breathing_transform, invert_breathing
 from .contrast import (AORTA, KIND_WEIGHTS, LIVER, LIVER_CODES, MIMIC_KINDS, PORTAL, TUMOR_BASE, TUMOR_KINDS,
                        draw_timing, lesion_hu, mimic_hu, tissue_hu)
 from .lesions import MIN_DIAMETER_MM, mimic_plan, place_lesions, tumor_plan
 from .scanner import draw_protocol, image, scan
-from .shapes import _Grid
+from .shapes import Grid
 
 PHASES = ("arterial", "venous")
 LABELS = {"background": 0, "liver": 1, "tumor": 2}
@@ -151,7 +151,7 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
                                   z_top - (nz - 1) * sz])
     pad_xy, pad_z = int(math.ceil(10.0 / sxy)), int(math.ceil(40.0 / sz))
     anat_origin_rel = venous_origin_rel - np.array([pad_xy * sxy, pad_xy * sxy, pad_z * sz])
-    grid = _Grid(anat_origin_rel, spacing, (nx + 2 * pad_xy, ny + 2 * pad_xy, nz + 2 * pad_z))
+    grid = Grid(anat_origin_rel, spacing, (nx + 2 * pad_xy, ny + 2 * pad_xy, nz + 2 * pad_z))
     vsl = (slice(pad_z, pad_z + nz), slice(pad_xy, pad_xy + ny), slice(pad_xy, pad_xy + nx))
 
     tissue, tex, liver_sl, has_gb = draw_anatomy(rng, grid, body)
@@ -219,8 +219,8 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
     domain = (anat_origin - np.array(spacing) * 0.5 - 20.0, anat_size_mm + 40.0)
     lz_i, ly_i, lx_i = np.nonzero(label[vsl] > 0)
     liver_c = np.array([lx_i.mean() * sxy, ly_i.mean() * sxy, lz_i.mean() * sz]) + venous_origin
-    a2v, rigid, bs, breathing = _breathing(rng, venous_label, domain, liver_c)
-    v_from_a = _inverse(rigid, bs, domain, step=8.0)
+    a2v, rigid, bs, breathing = breathing_transform(rng, venous_label, domain, liver_c)
+    v_from_a = invert_breathing(rigid, bs, domain, step=8.0)
     art_origin = venous_origin + np.array([rng.uniform(-4, 4), rng.uniform(-4, 4), rng.uniform(-10, 10)])
     art_nz = nz + int(rng.integers(-3, 4))
     art_ref = sitk.Image([nx, ny, art_nz], sitk.sitkFloat32)

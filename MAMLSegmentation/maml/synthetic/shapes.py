@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
-def _rot(ax: float, ay: float, az: float) -> np.ndarray:
+def rotation(ax: float, ay: float, az: float) -> np.ndarray:
     """Rotation matrix Rz @ Ry @ Rx for angles in radians."""
     cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
@@ -36,7 +36,7 @@ def _bspline_matrix(n: int, step: float, scale: float) -> np.ndarray:
     return m
 
 
-def _noise(rng: np.random.Generator, shape: Sequence[int], spacing_zyx: Sequence[float], scale: float) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: Sequence[int], spacing_zyx: Sequence[float], scale: float) -> np.ndarray:
     """Smooth Gaussian random field, unit variance per voxel, correlation length ~``scale`` mm."""
     mats = [_bspline_matrix(n, s, scale) for n, s in zip(shape, spacing_zyx)]
     coarse = rng.standard_normal(tuple(m.shape[1] for m in mats)).astype(np.float32)
@@ -52,7 +52,7 @@ def _noise(rng: np.random.Generator, shape: Sequence[int], spacing_zyx: Sequence
     return a
 
 
-class _Grid:
+class Grid:
     """The anatomy grid: 1-D patient-relative coordinates (mm) of voxel centres along x, y, z."""
 
     def __init__(self, origin_rel: Sequence[float], spacing: Sequence[float], size_xyz: Sequence[int]):
@@ -81,7 +81,7 @@ class _Grid:
         return (sz, sy, sx), Z, Y, X
 
 
-def _local(Z, Y, X, centre, rot: np.ndarray | None):
+def local_coords(Z, Y, X, centre, rot: np.ndarray | None):
     """Coordinates of grid points in a frame centred at ``centre`` with axes the rows of ``rot``."""
     dx, dy, dz = X - np.float32(centre[0]), Y - np.float32(centre[1]), Z - np.float32(centre[2])
     if rot is None:
@@ -94,7 +94,7 @@ def _local(Z, Y, X, centre, rot: np.ndarray | None):
     )
 
 
-def _paint(tissue: np.ndarray, sl, mask: np.ndarray, code: int, allowed: Iterable[int] | None) -> None:
+def paint(tissue: np.ndarray, sl, mask: np.ndarray, code: int, allowed: Iterable[int] | None) -> None:
     sub = tissue[sl]
     mask = np.broadcast_to(mask, sub.shape)
     if allowed is not None:
@@ -106,20 +106,20 @@ def _paint(tissue: np.ndarray, sl, mask: np.ndarray, code: int, allowed: Iterabl
     sub[mask] = code
 
 
-def _ellipsoid(grid: _Grid, tissue, centre, radii, code, allowed=None, rot=None, shells=()):
+def ellipsoid(grid: Grid, tissue, centre, radii, code, allowed=None, rot=None, shells=()):
     """Paint an ellipsoid; ``shells`` = ((thickness_mm, code), ...) painted from the outside in."""
     r = float(max(radii)) + 2.0
     b = grid.box([c - r for c in centre], [c + r for c in centre])
     if b is None:
         return None
     sl, Z, Y, X = b
-    u, v, w = _local(Z, Y, X, centre, rot)
+    u, v, w = local_coords(Z, Y, X, centre, rot)
     d = np.sqrt((u / radii[0]) ** 2 + (v / radii[1]) ** 2 + (w / radii[2]) ** 2)
-    _paint(tissue, sl, d < 1.0, code, allowed)
+    paint(tissue, sl, d < 1.0, code, allowed)
     return sl, d
 
 
-def _tube(grid: _Grid, tissue, a, b, r0, r1, code, allowed=None):
+def tube(grid: Grid, tissue, a, b, r0, r1, code, allowed=None):
     """Paint a tapered capsule from point a (radius r0) to b (radius r1)."""
     a = np.asarray(a, dtype=np.float32)
     b = np.asarray(b, dtype=np.float32)
@@ -134,10 +134,10 @@ def _tube(grid: _Grid, tissue, a, b, r0, r1, code, allowed=None):
     t = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) / L2, 0.0, 1.0)
     d2 = (px - t * ab[0]) ** 2 + (py - t * ab[1]) ** 2 + (pz - t * ab[2]) ** 2
     r = r0 + (r1 - r0) * t
-    _paint(tissue, sl, d2 < r * r, code, allowed)
+    paint(tissue, sl, d2 < r * r, code, allowed)
 
 
-def _vessel(rng, grid, tissue, a, b, r0, r1, code, allowed=None, bends=3, jitter=0.12):
+def vessel(rng, grid, tissue, a, b, r0, r1, code, allowed=None, bends=3, jitter=0.12):
     """A gently curved vessel from a to b as a chain of tapered capsules; returns its points."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     length = float(np.linalg.norm(b - a))
@@ -150,11 +150,11 @@ def _vessel(rng, grid, tissue, a, b, r0, r1, code, allowed=None, bends=3, jitter
     for k in range(n):
         ra = r0 + (r1 - r0) * k / n
         rb = r0 + (r1 - r0) * (k + 1) / n
-        _tube(grid, tissue, pts[k], pts[k + 1], ra, rb, code, allowed)
+        tube(grid, tissue, pts[k], pts[k + 1], ra, rb, code, allowed)
     return pts
 
 
-def _superellipse_q(x, y, a, b_ant, b_post, p, wobble):
+def superellipse_q(x, y, a, b_ant, b_post, p, wobble):
     """Normalised radius of a superellipse (1 on the outline), posteriorly flattened, with wobble."""
     b = np.where(y < 0, b_ant, b_post)
     theta = np.arctan2(y, x)
