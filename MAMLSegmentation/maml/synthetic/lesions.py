@@ -1,6 +1,6 @@
 """Liver lesions (labelled tumor) and their look-alikes (mimics, labelled liver) painted into the anatomy map.
 
-Sizes: random tumors have log-normal diameters, median 18 mm, clipped to 3-80 mm per kind (most
+Sizes: random tumors have log-normal diameters, median 15 mm, truncated to 3-80 mm per kind (most
 liver lesions found on CT are small: over 80 % of the LiTS lesions are under 20 mm, Bilic et al.,
 Med Image Anal 2023;84:102680), 0-8 per case with 15 % tumor-free cases. Mimics are what a liver
 tumor segmenter wrongly calls tumor: simple cysts, hemangiomas, focal fat or sparing, perfusion
@@ -54,7 +54,7 @@ def tumor_plan(rng, kinds_all, weights, tumor_kinds=None, min_diameter: float = 
     for _ in range(n):
         kind = main if rng.random() < 0.7 else str(rng.choice(kinds_all, p=weights))
         lo, hi = _KIND_DIAMETER[kind]
-        d = _truncated_lognormal(rng, 18.0, 0.7, max(lo, min(min_diameter, hi / 2)), hi)
+        d = _truncated_lognormal(rng, 15.0, 0.75, max(lo, min(min_diameter, hi / 2)), hi)
         plan.append((kind, d / 2))
     return plan
 
