@@ -83,8 +83,8 @@ def tissue_hu(rng: np.random.Generator, timing: dict) -> dict[int, tuple[tuple[f
     spleen_v = liver_v + g * U(-5, 20)
     fluid = U(0, 18)
     oral = timing["oral_contrast"]
-    bowel_content = (U(150, 400), None) if oral else (U(5, 30), None)
-    bowel_content = (bowel_content[0], bowel_content[0] + U(-10, 10))
+    content = U(150, 400) if oral else U(5, 30)  # positive oral contrast or water/chyme
+    bowel_content = (content, content + U(-10, 10))
     hu = {
         AIR: ((-1000, -1000), (0, 0)),
         FAT: ((U(-120, -95),) * 2, (8, 8)),
