@@ -10,6 +10,7 @@ Shapes and sizes are drawn per case; lesions are added by ``lesions``.
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 
 from .contrast import (AORTA, BLOOD_HEART, BOWEL_CONTENT, BOWEL_WALL, CANCELLOUS, CORTEX, CSF, DISC, FAT, FLUID,
                        GALLBLADDER, GAS, HEPATIC_ARTERY, HEPATIC_VEIN, IVC, KID_CORTEX, KID_MEDULLA, KID_SINUS,
@@ -291,3 +292,16 @@ def draw_anatomy(rng: np.random.Generator, grid: Grid, body: dict):
     # Texture field for tissue heterogeneity (lesions get their own).
     tex = smooth_noise(rng, grid.shape, grid.spacing_zyx, float(rng.uniform(6.0, 14.0)))
     return tissue, tex, liver_sl, has_gb
+
+
+def add_ascites(grid: Grid, tissue, liver_sl, thickness_mm: float) -> None:
+    """Perihepatic fluid: a water shell (0-20 HU, like bile or cysts) up to ``thickness_mm`` around
+    the liver where there is visceral fat, as in ascites: liver-adjacent, not liver."""
+    from .contrast import LIVER_CODES
+
+    sub = tissue[liver_sl]
+    img = sitk.GetImageFromArray(np.isin(sub, LIVER_CODES).astype(np.uint8))
+    img.SetSpacing(grid.spacing)
+    outside = -sitk.GetArrayViewFromImage(
+        sitk.SignedMaurerDistanceMap(img, insideIsPositive=True, squaredDistance=False, useImageSpacing=True))
+    sub[(outside > 0) & (outside < thickness_mm) & (sub == VFAT)] = FLUID

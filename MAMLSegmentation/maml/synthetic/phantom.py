@@ -36,7 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from .anatomy import draw_anatomy
+from .anatomy import add_ascites, draw_anatomy
 from .breathing import breathing_transform, invert_breathing
 from .contrast import (AORTA, KIND_WEIGHTS, LIVER, LIVER_CODES, MIMIC_KINDS, PORTAL, TUMOR_BASE, TUMOR_KINDS,
                        draw_timing, lesion_hu, mimic_hu, tissue_hu)
@@ -155,6 +155,11 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
     vsl = (slice(pad_z, pad_z + nz), slice(pad_xy, pad_xy + ny), slice(pad_xy, pad_xy + nx))
 
     tissue, tex, liver_sl, has_gb = draw_anatomy(rng, grid, body)
+    # Perihepatic fluid in some cases, from its own stream so that the other draws stay as they were.
+    fluid_rng = np.random.default_rng([seed, 3])
+    ascites_mm = float(fluid_rng.uniform(3, 15)) if fluid_rng.random() < 0.12 else 0.0
+    if ascites_mm:
+        add_ascites(grid, tissue, liver_sl, ascites_mm)
     min_tumor_mm = max(MIN_DIAMETER_MM, sz, 2.0 * sxy)  # visible: about a slice and two pixels across
     plan = tumor_plan(rng, TUMOR_KINDS, KIND_WEIGHTS, tumor_kinds, min_diameter=min_tumor_mm)
     if mimic_kinds is None:
@@ -267,6 +272,7 @@ def make_case(seed: int, size: str = "demo", *, tumor_kinds: Sequence[str] | Non
         "liver_volume_ml": round(float((label[vsl] > 0).sum()) * voxel_ml, 1),
         "liver_centre_mm": [round(float(c), 2) for c in liver_c],
         "gallbladder": bool(has_gb),
+        "ascites_mm": round(ascites_mm, 1),
         "mimics": mimics,
         "breathing": breathing,
     }
