@@ -46,7 +46,7 @@ def write_tiny_case(folder, suffix=".nii.gz", prefix=""):
     """The tiny phantom's phases as files, plus another patient's arterial phase ("other_arterial")."""
     import SimpleITK as sitk
 
-    from maml.phantom import make_case
+    from maml.synthetic import make_case
 
     case = make_case(3, "tiny")
     paths = {phase: folder / f"{prefix}{phase}{suffix}" for phase in case.images}

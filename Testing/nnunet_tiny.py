@@ -71,7 +71,7 @@ def _run(args: list[str], env: dict) -> None:
 
 def write_raw_dataset(root: Path) -> tuple[Path, list[str]]:
     """Venous-phase phantoms as a one-channel nnU-Net raw dataset (channel 0 = venous CT)."""
-    from maml.phantom import write_dataset
+    from maml.synthetic import write_dataset
 
     phantoms = root / "phantoms"
     write_dataset(phantoms, N_CASES, SEED, size="tiny", contact_sheet=False, progress=False)

@@ -7,7 +7,7 @@ import pytest
 
 from engine_helpers import save_tiny_liver_model
 from maml.cli import main
-from maml.phantom import write_dataset
+from maml.synthetic import write_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """maml.stats.tumor_enhancement: per-phase enhancement of each tumor on phantoms whose lesion kinds
-enhance in known ways (maml.phantom._tumor_hu)."""
+enhance in known ways (maml.synthetic.contrast.lesion_hu)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from maml.errors import InputError
-from maml.phantom import make_case
+from maml.synthetic import make_case
 from maml.stats import ENHANCEMENT_NOTE, SHELL_MM, add_enhancement, compute_statistics, tumor_enhancement
 
 KINDS = ["hypervascular", "hypovascular", "arterial_only", "venous_only", "cyst"]
@@ -39,7 +39,9 @@ def matched(case, stats):
     return pairs
 
 
-@pytest.fixture(scope="module", params=[2, 4])
+# Seeds whose drawn protocol has slices of at most 2 mm (the generator draws 0.7-5 mm): thin enough
+# for the small kinds to keep a core inside their rim, which the capsule assertions need.
+@pytest.fixture(scope="module", params=[2, 8])
 def enhanced_case(request):
     case = make_case(request.param, tumor_kinds=KINDS)
     labels = case.labels["venous"]

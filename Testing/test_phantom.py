@@ -1,4 +1,4 @@
-"""The dual-phase liver CT phantom (maml.phantom) and the ``maml phantom`` subcommand."""
+"""The dual-phase liver CT phantom (maml.synthetic) and the ``maml phantom`` subcommand."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from maml import phantom
+from maml import synthetic as phantom
 from maml.cli import main
 from maml.errors import InputError
+from maml.synthetic import contrast
+from maml.synthetic.contrast import draw_timing, tissue_hu
+from maml.synthetic.lesions import mimic_plan, tumor_plan
+from maml.synthetic.scanner import SLICE_CHOICES, draw_protocol
 
 
 def arr(image: sitk.Image) -> np.ndarray:
@@ -25,7 +29,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def demo_case() -> phantom.PhantomCase:
-    return phantom.make_case(7, "demo", tumor_kinds=["hypervascular", "hypovascular"])
+    return phantom.make_case(8, "demo", tumor_kinds=["hypervascular", "hypovascular"])
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +91,11 @@ def test_hounsfield_units_are_plausible(demo_case):
     art, ven = arr(demo_case.images["arterial"]).astype(float), arr(demo_case.images["venous"]).astype(float)
     la, lv = arr(demo_case.labels["arterial"]), arr(demo_case.labels["venous"])
     liver_a, liver_v = np.median(art[la == 1]), np.median(ven[lv == 1])
-    assert 45 < liver_a < 90, liver_a
-    assert 90 < liver_v < 140, liver_v
-    assert liver_v > liver_a + 25
+    # The images show the HU the case drew (vessels and mimics in the liver label shift the median a little).
+    drawn = demo_case.info["liver_hu"]
+    assert abs(liver_a - drawn["arterial"]) < 12 and abs(liver_v - drawn["venous"]) < 12, (liver_a, liver_v, drawn)
+    assert 15 < liver_a < 110 and 50 < liver_v < 170
+    assert liver_v > liver_a + 10
     # Air outside the body (image corners), lung at the top, bone, fat.
     for image in (art, ven):
         assert np.mean(image[:, :8, :8]) < -950
@@ -101,7 +107,8 @@ def test_hounsfield_units_are_plausible(demo_case):
 
 
 def _tumor_voxels(case, tumor, phase):
-    """Label-2 voxels within 0.6 radius of the tumor centre, in the phase's own geometry."""
+    """Label-2 voxels of the tumor's viable part, in the phase's own geometry: within 0.6 radius of
+    its centre, or 0.65-0.9 radius around a necrotic core (necrosis is fluid in both phases)."""
     image, label = case.images[phase], case.labels[phase]
     centre = tumor["centre_mm"]
     if phase == "arterial":
@@ -109,7 +116,8 @@ def _tumor_voxels(case, tumor, phase):
     size = np.array(image.GetSize())
     idx = np.indices(size[::-1]).reshape(3, -1)[::-1].T  # (x, y, z) per voxel, array order
     pts = np.asarray(image.GetOrigin()) + idx * np.asarray(image.GetSpacing())
-    near = (np.linalg.norm(pts - centre, axis=1) < 0.6 * tumor["radius_mm"]).reshape(size[::-1])
+    dist = np.linalg.norm(pts - centre, axis=1) / tumor["radius_mm"]
+    near = ((dist > 0.65) & (dist < 0.9) if tumor["necrotic"] else dist < 0.6).reshape(size[::-1])
     return near & (arr(label) == 2)
 
 
@@ -126,10 +134,12 @@ def test_tumor_kinds_enhance_as_described(demo_case):
             means[kind, phase] = np.mean(image[m]) - liver
     assert means["hypervascular", "arterial"] > 20  # bright in the arterial phase
     assert means["hypervascular", "venous"] < 0  # washout
-    assert means["hypovascular", "venous"] < -25  # dark, clearest in the venous phase
+    # Dark, clearest in the venous phase, by what the case drew (>= 18 HU: weakly conspicuous cases exist).
+    assert means["hypovascular", "venous"] < -12
+    assert abs(means["hypovascular", "venous"] - kinds["hypovascular"]["contrast_hu"]["venous"]) < 10
     assert means["hypovascular", "venous"] < means["hypovascular", "arterial"]
-    for tumor in kinds.values():
-        assert tumor["visible_phases"] == ["arterial", "venous"]
+    assert kinds["hypervascular"]["visible_phases"] == ["arterial", "venous"]
+    assert "venous" in kinds["hypovascular"]["visible_phases"]
 
 
 def test_one_phase_and_cyst_tumors_and_no_tumor():
@@ -152,13 +162,15 @@ def test_one_phase_and_cyst_tumors_and_no_tumor():
 # ----------------------------------------------------------------------------------------- geometry
 
 
-def test_spacing_is_anisotropic_as_specified(demo_case):
+def test_demo_geometry_is_drawn_per_case_within_the_protocol_ranges(demo_case):
     ven = demo_case.images["venous"]
     sx, sy, sz = ven.GetSpacing()
-    assert sx == sy and 1.9 <= sx <= 2.3
-    assert sz in (2.5, 3.0) and sz > sx
-    assert ven.GetSize() == (160, 160, 80)
+    assert sx == sy and 1.0 <= sx <= 4.5
+    assert sz in SLICE_CHOICES
+    nx, ny, nz = ven.GetSize()
+    assert 0.5 < nx * ny * nz / (160 * 160 * 80) < 1.6
     assert ven.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    assert list(ven.GetSize()) == demo_case.info["grid_xyz"]
 
 
 def test_arterial_geometry_and_anatomy_differ(demo_case):
@@ -283,3 +295,87 @@ def test_bad_input_is_reported(tmp_path, capsys):
             assert "not writable" in capsys.readouterr().err
         finally:
             locked.chmod(0o700)
+
+
+# ------------------------------------------------------------------------- what is drawn per case
+
+SEEDS = range(300)
+
+
+def test_protocol_spans_slice_thickness_pixels_and_noise_around_the_demo_voxel_count():
+    spec = phantom.SIZES["demo"]
+    protocols = [draw_protocol(np.random.default_rng(s), spec, float(np.random.default_rng(s).uniform(240, 380)))
+                 for s in SEEDS]
+    sz = np.array([p["spacing"][2] for p in protocols])
+    sxy = np.array([p["spacing"][0] for p in protocols])
+    voxels = np.array([np.prod(p["size"]) for p in protocols])
+    noise = np.array([p["noise_sd_venous"] for p in protocols])
+    assert sz.min() == 0.7 and sz.max() == 5.0 and ((sz > 1.2) & (sz < 4)).mean() > 0.4
+    assert 1.0 < sxy.min() and sxy.max() < 4.5 and sxy.max() / sxy.min() > 2
+    # Thin slices pay with fewer pixels or a shorter z extent: the voxel count stays near 160x160x80.
+    assert 0.8 < voxels.mean() / (160 * 160 * 80) < 1.1 and voxels.max() < 1.6 * 160 * 160 * 80
+    assert 8.0 <= noise.min() and noise.max() <= 30.0 and noise.max() - noise.min() > 18
+    grains = [p["noise_grain_mm"] for p in protocols]
+    assert min(grains) < 0.7 and max(grains) > 1.4
+    assert 0.04 < np.mean([abs(p["fov_shift_x"]) > 15 for p in protocols]) < 0.25  # some fields cut a side
+
+
+def test_contrast_timing_gives_published_hu_ranges_per_phase():
+    hus = [tissue_hu(rng, draw_timing(rng)) for rng in (np.random.default_rng(s) for s in SEEDS)]
+    liver = np.array([h[contrast.LIVER][0] for h in hus])  # (arterial, venous)
+    aorta = np.array([h[contrast.AORTA][0] for h in hus])
+    portal = np.array([h[contrast.PORTAL][0] for h in hus])
+    hv = np.array([h[contrast.HEPATIC_VEIN][0] for h in hus])
+    assert (liver[:, 1] > liver[:, 0] + 10).all()  # the liver enhances most in the portal venous phase
+    assert 95 < np.median(liver[:, 1]) < 130 and 55 < np.median(liver[:, 0]) < 90
+    assert liver[:, 1].min() < 80  # some weakly enhancing (steatotic or low-dose) livers
+    assert (aorta[:, 0] >= 180).all() and (aorta[:, 0] > aorta[:, 1]).all() and aorta[:, 0].max() > 330
+    assert (portal[:, 1] >= 130).all() and portal[:, 0].min() < 90 and portal[:, 0].max() > 150
+    # Hepatic veins: darker than the liver arterially; in early portal venous phases sometimes still darker.
+    assert (hv[:, 0] < liver[:, 0] + 35).all() and (hv[:, 1] < liver[:, 1]).mean() > 0.15
+
+
+def test_tumor_counts_sizes_and_mimics_over_many_cases():
+    plans = [tumor_plan(np.random.default_rng(s), contrast.TUMOR_KINDS, contrast.KIND_WEIGHTS) for s in range(600)]
+    counts = np.array([len(p) for p in plans])
+    diameters = np.array([2 * r for p in plans for _, r in p])
+    assert counts.min() == 0 and counts.max() == 8 and 0.1 < (counts == 0).mean() < 0.22
+    assert diameters.min() >= 3.0 and diameters.max() <= 80.0
+    assert (diameters < 10).mean() > 0.1 and (diameters > 40).mean() > 0.02  # many small, a few large
+    assert all(k != "cyst" for p in plans for k, _ in p)  # random cysts are mimics, labelled liver
+    # Coarse voxels: no tumor smaller than the case's visible size is labelled.
+    coarse = [tumor_plan(np.random.default_rng(s), contrast.TUMOR_KINDS, contrast.KIND_WEIGHTS, min_diameter=10.0)
+              for s in range(200)]
+    assert min(2 * r for p in coarse for _, r in p) >= 10.0
+    mimics = [mimic_plan(np.random.default_rng(s), steatosis=s % 5 == 0) for s in range(600)]
+    kinds = {k for m in mimics for k, _ in m}
+    assert kinds == set(phantom.MIMIC_KINDS)
+    assert 2 < np.mean([len(m) for m in mimics]) < 8
+
+
+def test_mimics_are_labelled_liver_and_look_like_lesions():
+    case = phantom.make_case(11, "tiny", tumor_kinds=[], mimic_kinds=["cyst", "hemangioma", "vessel", "focal_fat"])
+    lab = arr(case.labels["venous"])
+    assert 2 not in np.unique(lab) and case.tumors == []
+    mimics = case.info["mimics"]
+    assert len(mimics) >= 3
+    ven = arr(case.images["venous"]).astype(float)
+    liver = np.median(ven[lab == 1])
+    image = case.images["venous"]
+    for mimic in mimics:
+        if mimic["volume_ml"] > 0:
+            i, j, k = image.TransformPhysicalPointToIndex(mimic["centre_mm"])
+            assert lab[k, j, i] == 1, mimic
+        if mimic["kind"] == "cyst" and mimic["volume_ml"] > 1.0:
+            i, j, k = image.TransformPhysicalPointToIndex(mimic["centre_mm"])
+            assert ven[k, j, i] < liver - 40  # water in the liver, yet not tumor
+    with pytest.raises(InputError, match="mimic kind"):
+        phantom.make_case(3, "tiny", mimic_kinds=["polyp"])
+
+
+def test_drawn_values_are_reported_per_case(demo_case):
+    info = demo_case.info
+    assert info["spacing_xyz"] == list(demo_case.images["venous"].GetSpacing())
+    assert set(info["tissue_hu"]) >= {"liver", "aorta", "portal_vein"}
+    assert {"dose", "arterial_timing", "venous_timing", "conspicuity"} <= set(info["contrast_timing"])
+    assert 8.0 <= info["noise_sd_hu"]["venous"] <= 30.0

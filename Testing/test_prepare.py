@@ -22,10 +22,7 @@ from maml.training import prepare as prep  # noqa: E402
 from maml.training.dataset import read_dataset  # noqa: E402
 from test_io import write_dicom_series  # noqa: E402
 
-try:  # the phantom generator is moving to maml.synthetic
-    from maml.synthetic import make_case
-except ImportError:
-    from maml.phantom import make_case
+from maml.synthetic import make_case  # noqa: E402
 
 FRAME_OF_REFERENCE = ("0020|0052", "1.2.826.0.1.3680043.2.1125.7.6000")
 

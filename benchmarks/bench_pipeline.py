@@ -64,7 +64,7 @@ def main() -> None:
         if args.skip_full:
             return
         from maml.io import write_image
-        from maml.phantom import make_case
+        from maml.synthetic import make_case
 
         start = time.perf_counter()
         case = make_case(7, "full")

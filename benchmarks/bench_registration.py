@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     import itk
 
     from maml import registration as reg
-    from maml.phantom import make_case
+    from maml.synthetic import make_case
 
     version = subprocess.run([elastix_exe, "--version"], capture_output=True, text=True).stdout.strip()
     print(f"elastix program: {elastix_exe} ({version}); itk-elastix {getattr(itk, '__version__', '?')}")

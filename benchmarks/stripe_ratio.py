@@ -31,7 +31,7 @@ def sample_case() -> dict:
 
 
 def phantom_case(seed: int) -> dict:
-    from maml.phantom import make_case
+    from maml.synthetic import make_case
 
     case = make_case(seed)
     venous = case.images["venous"]

@@ -16,15 +16,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the first case; case i uses seed + i (default 0)")
     parser.add_argument("--size", default="demo",
-                        help="demo (~160x160x80, ~2 mm, 2.5-3 mm slices), full (512x512x150, 0.6-0.9 mm, "
-                             "1.5 mm slices) or tiny (tests only); default demo")
+                        help="demo (about 160x160x80 voxels; slice thickness 0.7-5 mm, pixels, field of view, "
+                             "noise and contrast drawn per case), full (512x512x150, 0.6-0.9 mm, 1.5 mm slices) "
+                             "or tiny (tests only); default demo")
     parser.add_argument("--contact-sheet", action=argparse.BooleanOptionalAction, default=True,
                         help="write contact_sheet.png of the first cases (default on)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from maml.phantom import write_dataset
+    from maml.synthetic import write_dataset
 
     out = write_dataset(args.out, n_cases=args.cases, seed=args.seed, size=args.size,
                         contact_sheet=args.contact_sheet, progress=not args.quiet)
