@@ -26,7 +26,7 @@ def _imports(path: Path, module_level: bool) -> set[str]:
     """The maml modules a file imports: at module level only, or anywhere (inside functions too)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = ast.walk(tree) if not module_level else _module_level_nodes(tree)
     found = set()
     for node in nodes:
