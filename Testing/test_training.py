@@ -240,6 +240,18 @@ def test_augmentation_is_nnunets_and_pads_with_air(dataset, tmp_path):
         build_augmentation("strong", patch)
 
 
+def test_ablation_loss_weights_are_checked_before_training():
+    from maml.training.options import default_options
+
+    assert default_options("demo", joint_weight=0.0, lambda_intra=1.0).joint_weight == 0.0
+    with pytest.raises(InputError, match="nothing to train"):
+        default_options("demo", joint_weight=0.0, lambda_intra=0.0)
+    with pytest.raises(InputError, match="joint weight must be >= 0"):
+        default_options("demo", joint_weight=-1.0)
+    with pytest.raises(InputError, match="modality-dropout"):
+        default_options("demo", lambda_intra=0.0, modality_dropout=0.5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
