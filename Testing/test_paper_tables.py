@@ -16,6 +16,46 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_tables.py"
 
 
+@pytest.fixture(scope="module")
+def tables():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_test_phantoms_never_share_a_seed_with_training(tables):
+    args = tables.parse_args(["--quick", "--train-seed", "10", "--train-cases", "5", "--test-seed", "14"])
+    with pytest.raises(SystemExit, match="overlap"):
+        tables.make_budget(args)
+    budget = tables.make_budget(tables.parse_args(["--quick", "--epochs", "3"]))
+    assert budget.epochs == 3 and budget.patch_size == tables.BUDGETS["quick"].patch_size
+    assert tables.parse_args([]).budget == "full"
+    # the MAML arms' model has the budget's grid, patch and nnU-Net's per-stage widths
+    config = tables.maml_config(budget)
+    assert config.patch_size == budget.patch_size and config.spacing == budget.spacing
+    assert config.network.features_per_stage == budget.features_per_stage
+
+
+def test_paired_wilcoxon_of_per_case_dice(tables):
+    from scipy.stats import wilcoxon
+
+    a = {"c1": 0.8, "c2": 0.6, "c3": 0.7, "c4": 0.9, "c5": 0.5, "c6": 0.75, "extra": 1.0}
+    b = {"c1": 0.7, "c2": 0.65, "c3": 0.5, "c4": 0.6, "c5": 0.45, "c6": 0.7}
+    result = tables.wilcoxon(a, b)  # paired on the cases both have
+    cases = sorted(b)
+    assert result["cases"] == 6 and "note" not in result
+    assert result["p"] == pytest.approx(wilcoxon([a[c] for c in cases], [b[c] for c in cases]).pvalue)
+    assert result["mean_difference"] == pytest.approx(sum(a[c] - b[c] for c in cases) / 6)
+    same = tables.wilcoxon({"c1": 0.5, "c2": 0.4}, {"c1": 0.5, "c2": 0.4})
+    assert same["p"] is None and "undefined" in same["note"]
+    small = tables.wilcoxon({"c1": 0.5, "c2": 0.4}, {"c1": 0.3, "c2": 0.2})
+    assert small["p"] == pytest.approx(0.5) and "smallest p" in small["note"]
+
+
 @pytest.mark.slow
 def test_tiny_budget_runs_every_arm_end_to_end(tmp_path):
     pytest.importorskip("nnunetv2")

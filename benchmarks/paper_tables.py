@@ -104,8 +104,8 @@ DEMO_TOPOLOGY = {"base_features": 8, "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 
 BUDGETS = {
     # the full table: about 3 hours on 2 CPU cores, two arms at a time
     "full": Budget("demo", 24, 16, 40, 25, 2, [32, 64, 64], [3.0, 2.5, 2.5], **DEMO_TOPOLOGY),
-    # every arm end to end in about 15 minutes
-    "quick": Budget("demo", 6, 4, 6, 15, 2, [32, 64, 64], [3.0, 2.5, 2.5], **DEMO_TOPOLOGY),
+    # every arm end to end in about 15 minutes: a coarser grid, a smaller patch, ~100 iterations
+    "quick": Budget("demo", 4, 4, 10, 12, 2, [24, 48, 48], [4.0, 3.5, 3.5], **DEMO_TOPOLOGY),
     # the harness's own test: minutes, figures meaningless
     "tiny": Budget("tiny", 2, 2, 1, 2, 2, [16, 32, 32], [5.0, 4.2, 4.2], base_features=4,
                    kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
@@ -494,6 +494,13 @@ def format_tables(rows: dict, comparisons: dict) -> str:
     return "\n".join(lines)
 
 
+def _repo_relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
+
+
 def _num(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -567,8 +574,8 @@ def main(argv=None) -> int:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     results.update({
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None
-        else shlex.join(["paper_tables.py", *argv]),
+        "command": shlex.join(["python", _repo_relative(sys.argv[0]), *sys.argv[1:]]) if argv is None
+        else shlex.join(["python", "benchmarks/paper_tables.py", *argv]),
         "started_utc": started_at, "wall_seconds": round(time.perf_counter() - started, 1),
         "budget_name": args.budget, "jobs": args.jobs, "threads_per_arm": 1,
         "machine": {"cpus": os.cpu_count(), "load_average_1min_at_end": os.getloadavg()[0],
