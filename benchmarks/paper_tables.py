@@ -494,6 +494,41 @@ def format_tables(rows: dict, comparisons: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_tables(rows: dict, comparisons: dict) -> str:
+    """Both tables beside the paper's tumor Dice, as the README shows them."""
+    def cell(r, key, scale=1.0, digits=2):
+        value = r[key]
+        return "n/a" if value is None else f"{scale * value:.{digits}f}"
+
+    header = ("| {first} | paper: tumor Dice % | here: tumor Dice % (mean ± sd) | tumor ASSD (voxels / mm) | "
+              "liver Dice % | lesion sensitivity | false positives per case | training (s) |\n"
+              "|---|---|---|---|---|---|---|---|")
+    lines = [header.format(first="Table 1: method (both phases)")]
+
+    def line(label, paper, r):
+        return (f"| {label} | {paper} | {cell(r, 'tumor_dice_mean', 100)} ± {cell(r, 'tumor_dice_sd', 100)} | "
+                f"{cell(r, 'tumor_assd_voxels_mean')} / {cell(r, 'tumor_assd_mm_mean')} | "
+                f"{cell(r, 'liver_dice_mean', 100)} | {cell(r, 'lesion_sensitivity')} | "
+                f"{cell(r, 'false_positives_per_case')} | {r['train_seconds']:.0f} |")
+
+    names = {"nnU-Net": "nnU-Net v2, both phases as channels", "MS+Ensemble": "MS+Ensemble",
+             "MS+MA": "MS+MA", "MAML": "MAML (fused head)"}
+    for row, r in rows["table1"].items():
+        lines.append(line(names[row], f"{PAPER['table1'][row]:.2f}", r))
+    lines.append(f"| OctopusNet | {PAPER['table1']['OctopusNet']:.2f} | not run | | | | | |")
+    lines += ["", header.format(first="Table 2: phase, method")]
+    for phase in ("arterial", "venous"):
+        for row, r in rows[f"table2_{phase}"].items():
+            label = f"{phase}: " + ("nnU-Net v2 on this phase alone" if row == "nnU-Net" else "MAML's own head")
+            lines.append(line(label, f"{PAPER['table2'][phase][row]:.2f}", r))
+    lines += ["", "| paired Wilcoxon signed-rank, per-case tumor Dice | cases | mean difference | p |",
+              "|---|---|---|---|"]
+    for name, c in comparisons.items():
+        p = "n/a" if c["p"] is None else f"{c['p']:.3g}"
+        lines.append(f"| {name} | {c['cases']} | {_num(c['mean_difference'], 4)} | {p} |")
+    return "\n".join(lines)
+
+
 def _repo_relative(path: str) -> str:
     try:
         return str(Path(path).resolve().relative_to(REPO))
@@ -656,6 +691,7 @@ def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
         "times_seconds": {"phantoms_and_alignment": round(data_seconds, 1),
                           "nnunet_prepare": round(prepare_seconds["nnunet_prepare"], 1)},
         "tables_text": format_tables(rows, comparisons),
+        "tables_markdown": markdown_tables(rows, comparisons),
     }
 
 
