@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -79,15 +80,19 @@ def prepare(budget_file: str, *dataset_ids: str) -> None:
 
     budget = json.loads(Path(budget_file).read_text())
     ids = [int(i) for i in dataset_ids]
+    started = time.perf_counter()
     # the data sets are written by paper_tables.py from one aligned split: no integrity check
     extract_fingerprints(ids, num_processes=1, check_dataset_integrity=False, verbose=False,
                          show_progress_bar=False)
+    print(f"fingerprints: {time.perf_counter() - started:.1f} s", flush=True)
     plan_experiments(ids)
     for dataset_id in ids:
         folder = Path(nnUNet_preprocessed) / convert_id_to_dataset_name(dataset_id)
         plans = json.loads((folder / "nnUNetPlans.json").read_text())
         (folder / f"{PLANS}.json").write_text(json.dumps(budget_plans(plans, budget), indent=2))
+    print(f"plans: {time.perf_counter() - started:.1f} s", flush=True)
     preprocess(ids, PLANS, [CONFIGURATION], [1], verbose=False, show_progress_bar=False)
+    print(f"preprocessing: {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def train(budget_file: str, dataset_id: str) -> None:
