@@ -1,6 +1,6 @@
 # make test: set up .venv and run the whole test suite (CPU only).
 # make demo: set up .venv and segment the bundled sample case.
-# make bench-tables: the paper's Tables 1 and 2 against nnU-Net v2 (hours; bench-tables-quick: ~15 min).
+# make bench-tables: the paper's Tables 1 and 2 against nnU-Net v2 (hours; bench-tables-quick: about half an hour).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
