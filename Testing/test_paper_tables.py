@@ -110,5 +110,6 @@ def test_tiny_budget_runs_every_arm_end_to_end(tmp_path):
     assert wilcoxon["cases"] == 2
     assert wilcoxon["p"] is None or 0 < wilcoxon["p"] <= 1
     assert set(data["goals"]) >= {"MAML >= MS+MA", "MAML >= nnU-Net (both phases)"}
+    assert all({"holds", "tied", "margin"} <= set(g) for g in data["goals"].values())
     assert "Table 1" in run.stdout and "Wilcoxon" in run.stdout
     assert "| MAML (fused head) | 81.25 |" in data["tables_markdown"]

@@ -467,7 +467,8 @@ def goals(rows: dict) -> dict:
         ("MAML venous head >= nnU-Net venous", dice("table2_venous", "MAML"),
          dice("table2_venous", "nnU-Net")),
     ]
-    return {name: {"holds": a >= b, "margin": a - b} for name, a, b in checks}
+    # "tied": equal figures (e.g. both 0 after too short a training) show no ordering at all
+    return {name: {"holds": a >= b, "tied": a == b, "margin": a - b} for name, a, b in checks}
 
 
 def format_tables(rows: dict, comparisons: dict) -> str:
