@@ -1,5 +1,6 @@
 # make test: set up .venv and run the whole test suite (CPU only).
 # make demo: set up .venv and segment the bundled sample case.
+# make bench-tables: the paper's Tables 1 and 2 against nnU-Net v2 (hours; bench-tables-quick: about half an hour).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ NNUNET_PIN := nnunetv2==2.8.1
 # Mesa's software OpenGL, for rendering Slicer slice views offscreen (screenshot and its test).
 SYSTEM_PACKAGES := libegl1 libegl-mesa0 libgbm1 libgl1-mesa-dri
 
-.PHONY: setup system-deps test demo bench clean
+.PHONY: setup system-deps test demo bench bench-tables bench-tables-quick clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,12 +45,26 @@ system-deps:
 test: setup system-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile Testing
 
+# The benchmark harnesses on tiny budgets (the paper's tables: about 6 minutes of CPU).
+test-benchmarks: setup
+	MAML_TEST_BENCHMARKS=1 $(PY) -m pytest -q Testing/test_paper_tables.py
+
 demo: setup
 	$(PY) -m maml.cli demo
 
 bench: setup
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_pipeline.py
+
+# nnU-Net v2 beside the pinned torch (its own setup step: constraints file, then without the
+# torchvision and timm it pulls), then every arm with the shared budget; results in benchmarks/results/.
+bench-tables: setup
+	$(PY) benchmarks/paper_tables.py --setup
+	$(PY) benchmarks/paper_tables.py
+
+bench-tables-quick: setup
+	$(PY) benchmarks/paper_tables.py --setup
+	$(PY) benchmarks/paper_tables.py --quick
 
 clean:
 	rm -rf $(VENV)

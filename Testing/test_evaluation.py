@@ -230,3 +230,46 @@ def test_evaluate_model_scores_every_head(tmp_path):
     with open(tmp_path / "res.csv") as stream:
         header = stream.readline().strip().split(",")
     assert header[:3] == ["head", "case", "label"]
+
+
+def test_ensemble_head_is_the_mean_of_the_phase_heads_probabilities(tmp_path):
+    """MS+Ensemble's head: argmax of the mean of each phase head's probabilities (by hand here)."""
+    import numpy as np
+    import torch
+
+    from engine_helpers import tiny_config
+    from maml.evaluation import evaluate_model
+    from maml.inference import predict_case
+    from maml.model import load_model, save_checkpoint
+    from maml.network import MAMLNet
+    from maml.training.dataset import config_for_dataset, load_case_images, read_dataset
+    from test_training import write_tiny_dataset
+
+    root = write_tiny_dataset(tmp_path / "d", n_cases=1)
+    dataset = read_dataset(root)
+    config = config_for_dataset(tiny_config(), dataset)
+    torch.manual_seed(3)
+    save_checkpoint(tmp_path / "m.pt", MAMLNet(config), config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = evaluate_model(tmp_path / "m.pt", root, register=None, heads=["ensemble", "venous"],
+                                 predictions_dir=tmp_path / "pred", device="cpu", backend="torch")
+        model = load_model(tmp_path / "m.pt")
+        images, _ = load_case_images(dataset, model.config, dataset.cases[0], None)
+        probabilities = [predict_case(model, {p: images[p]}, device="cpu", backend="torch",
+                                      keep_probabilities=True).probabilities for p in config.phases]
+        with pytest.raises(InputError, match="'ensemble'"):
+            evaluate_model(tmp_path / "m.pt", root, register=None, heads=["mean"], device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert list(results) == ["ensemble", "venous"]
+    expected = np.argmax((probabilities[0] + probabilities[1]) / 2, axis=0)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred" / "ensemble" /
+                                                        f"{dataset.cases[0]}.nii.gz")))
+    assert np.array_equal(written, expected)
+    # an untrained pair of heads disagrees somewhere: the ensemble is neither head alone
+    alone = [np.argmax(p, axis=0) for p in probabilities]
+    assert not np.array_equal(alone[0], alone[1])
+    assert results["ensemble"].summary["liver"]["dice"]["n"] == 1
+

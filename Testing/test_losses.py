@@ -181,6 +181,55 @@ def test_missing_fused_path_counts_present_phases_only():
     assert result.total.item() == pytest.approx(0.5 * result.intra["venous"], abs=1e-6)
 
 
+def test_joint_weight_zero_trains_the_phase_nets_independently():
+    """MS+Ensemble: the fused term is logged but adds nothing, and no gradient reaches the fusion."""
+    gen = torch.Generator().manual_seed(5)
+    output = _random_output(gen)
+    output.fused_logits.requires_grad_(True)
+    for outputs in output.phase_logits.values():
+        outputs[0].requires_grad_(True)
+    target = torch.randint(0, 3, (2, 1, 4, 8, 8), generator=gen)
+    result = MutualLearningLoss(lambda_intra=1.0, joint_weight=0.0)(output, target)
+    assert result.joint_weight == 0.0 and result.joint is not None
+    assert result.total.item() == pytest.approx(sum(result.intra.values()), abs=1e-5)
+    result.total.backward()
+    assert output.fused_logits.grad is None
+    assert all(o[0].grad is not None and o[0].grad.abs().sum() > 0 for o in output.phase_logits.values())
+
+
+def test_lambda_zero_trains_the_fusion_alone():
+    """MS+MA: only the joint term counts; the phase terms are still logged."""
+    gen = torch.Generator().manual_seed(6)
+    output = _random_output(gen)
+    output.fused_logits.requires_grad_(True)
+    for outputs in output.phase_logits.values():
+        outputs[0].requires_grad_(True)
+    target = torch.randint(0, 3, (2, 1, 4, 8, 8), generator=gen)
+    result = MutualLearningLoss(lambda_intra=0.0)(output, target)
+    assert set(result.intra) == {"arterial", "venous"} and all(v > 0 for v in result.intra.values())
+    assert result.total.item() == pytest.approx(result.joint, abs=1e-6)
+    result.total.backward()
+    assert output.fused_logits.grad is not None
+    assert all(o[0].grad is None for o in output.phase_logits.values())
+    # with a phase missing there is no fused term: nothing to train, said plainly
+    single = _random_output(gen, phases=("venous",), fused=False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        MutualLearningLoss(lambda_intra=0.0)(single, target)
+
+
+def test_an_explicit_joint_weight_overrides_the_variants():
+    gen = torch.Generator().manual_seed(7)
+    output = _random_output(gen)
+    target = torch.randint(0, 3, (2, 1, 4, 8, 8), generator=gen)
+    result = MutualLearningLoss(variant="code", joint_weight=2.0)(output, target)
+    assert result.joint_weight == 2.0
+    assert result.total.item() == pytest.approx(sum(result.intra.values()) + 2 * result.joint, abs=1e-5)
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        MutualLearningLoss(lambda_intra=0.0, joint_weight=0.0)
+    with pytest.raises(ValueError, match="joint_weight"):
+        MutualLearningLoss(joint_weight=-1)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="variant"):
         MutualLearningLoss(variant="other")

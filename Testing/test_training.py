@@ -240,6 +240,18 @@ def test_augmentation_is_nnunets_and_pads_with_air(dataset, tmp_path):
         build_augmentation("strong", patch)
 
 
+def test_ablation_loss_weights_are_checked_before_training():
+    from maml.training.options import default_options
+
+    assert default_options("demo", joint_weight=0.0, lambda_intra=1.0).joint_weight == 0.0
+    with pytest.raises(InputError, match="nothing to train"):
+        default_options("demo", joint_weight=0.0, lambda_intra=0.0)
+    with pytest.raises(InputError, match="joint weight must be >= 0"):
+        default_options("demo", joint_weight=-1.0)
+    with pytest.raises(InputError, match="modality-dropout"):
+        default_options("demo", lambda_intra=0.0, modality_dropout=0.5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -377,6 +389,35 @@ def test_modality_dropout_trains_single_phase_iterations(dataset, tmp_path):
     assert row["train_joint"] is None  # no fused term was trained
     assert saved.metadata["modality_dropout"] == 1.0
     assert state_dicts_equal(saved.network.state_dict(), trained)
+
+
+@pytest.mark.parametrize("flags, frozen, trained", [
+    # MS+Ensemble: the per-phase U-Nets alone learn; fusion and fused head stay as initialised
+    (["--joint-weight", "0", "--lambda-intra", "1"], ("fusion.", "fused_head."), ("backbones.",)),
+    # MS+MA: the fusion learns from the joint loss; the phase heads' output layers get nothing
+    (["--lambda-intra", "0"], ("backbones.arterial.decoder.seg_layers", "backbones.venous.decoder.seg_layers"),
+     ("fusion.", "fused_head.", "backbones.arterial.encoder")),
+])
+def test_cli_ablations_train_only_their_parts(dataset, tmp_path, flags, frozen, trained):
+    from maml.network import MAMLNet
+
+    out = tmp_path / "ablation"
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(tiny_model_config().to_json())
+    assert cli_main(["train", "--dataset", str(dataset), "--out", str(out), "--config", str(config_file),
+                     "--epochs", "1", "--iterations", "2", "--fold", "all", "--optimizer", "sgd",
+                     "--seed", "3", "--device", "cpu", "--augmentation", "none", "--no-progress",
+                     *flags]) == 0
+    model = load_model(out / "checkpoint_final.pt")
+    torch.manual_seed(3)
+    fresh = MAMLNet(model.config).state_dict()
+    weights = model.network.state_dict()
+    assert all(torch.equal(weights[k], fresh[k]) for k in weights if k.startswith(frozen))
+    for prefix in trained:
+        assert any(not torch.equal(weights[k], fresh[k]) for k in weights
+                   if k.startswith(prefix) and k.endswith("weight")), prefix
+    row = read_log(out)[0]
+    assert row["train_joint"] is not None and row["train_intra_venous"] is not None  # both logged
 
 
 def test_mismatched_grids_are_rejected_naming_case_and_phase(tmp_path):

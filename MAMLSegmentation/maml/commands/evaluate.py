@@ -18,8 +18,9 @@ def configure(parser):
                         help="with --model: align phases that are not on the label grid: none, rigid, "
                              "affine, deformable (elastix; default) or transforms (the data set's "
                              "transform files, e.g. a phantom's true motion)")
-    parser.add_argument("--heads", nargs="+", help="with --model: heads to score (default: fused and "
-                        "every phase)")
+    parser.add_argument("--heads", nargs="+", help="with --model: heads to score: fused, a phase's "
+                        "name (its own head), or ensemble (the mean of the phase heads' probabilities, "
+                        "for a model trained with --joint-weight 0); default: fused and every phase")
     parser.add_argument("--save-predictions", metavar="DIR", help="with --model: write HEAD/CASE label maps")
     parser.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
     add_backend_option(parser)

@@ -9,7 +9,8 @@ HELP = "train a MAML model on an nnU-Net v2 raw data set (resumable; torchrun fo
 _OPTION_ARGS = {
     "epochs": "epochs", "iterations": "iterations_per_epoch", "batch_size": "batch_size",
     "optimizer": "optimizer", "lr": "learning_rate", "weight_decay": "weight_decay",
-    "loss": "loss_variant", "lambda_intra": "lambda_intra", "modality_dropout": "modality_dropout",
+    "loss": "loss_variant", "lambda_intra": "lambda_intra", "joint_weight": "joint_weight",
+    "modality_dropout": "modality_dropout",
     "oversample": "oversample_foreground", "augmentation": "augmentation", "fold": "fold",
     "val_cases": "val_cases", "val_every": "val_every", "val_patches": "val_patches", "seed": "seed", "device": "device",
     "workers": "num_workers", "threads": "threads", "register": "register",
@@ -48,7 +49,13 @@ def configure(parser):
     parser.add_argument("--grad-clip", type=float, help="gradient norm clipping (default 12)")
     parser.add_argument("--loss", choices=["paper", "code"],
                         help="mutual-learning weighting: paper (lambda 0.5) or the published code's")
-    parser.add_argument("--lambda-intra", type=float, help="weight of the per-phase loss terms")
+    parser.add_argument("--lambda-intra", type=float,
+                        help="weight of the per-phase loss terms (paper 0.5); 0: the fusion learns "
+                             "from the joint loss alone, no mutual learning (the paper's MS+MA)")
+    parser.add_argument("--joint-weight", type=float,
+                        help="weight of the fused head's loss term (paper 1); 0: the per-phase "
+                             "U-Nets train independently (the paper's MS+Ensemble; evaluate it "
+                             "with maml evaluate --heads ensemble)")
     parser.add_argument("--modality-dropout", type=float,
                         help="probability that an iteration trains one random phase alone (helps "
                              "the missing-phase heads); default 0")

@@ -20,10 +20,16 @@ Variants:
 
 So in both cases: total = lambda * sum_i intra_i + joint_weight * joint, with intra_i the
 deep-supervised (weighted) loss of phase i; :class:`LossBreakdown` reports all four.
+
+Ablations of the paper's Table 1 set the two weights explicitly: ``joint_weight=0`` trains the
+per-phase U-Nets independently of each other (MS+Ensemble: the fused head is not trained and its
+term not computed); ``lambda_intra=0`` trains the fusion with the joint loss alone, without mutual
+learning (MS+MA). Both zero would train nothing and is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -102,12 +108,18 @@ def downsample_target(target: torch.Tensor, spatial_shape: Sequence[int]) -> tor
     return resized.long()
 
 
+def _gradient_if(needed: bool):
+    """A term weighted 0 is still computed for the log, without building its graph."""
+    return contextlib.nullcontext() if needed else torch.no_grad()
+
+
 class MutualLearningLoss(nn.Module):
     """MAML's training objective over a network output and integer labels (B, 1, D, H, W).
 
     ``lambda_intra``: weight of the per-phase terms; default 0.5 ("paper") or 1 ("code").
     ``deep_supervision``: use every deep-supervision output of each phase head with nnU-Net's
     weights; when off only the full-resolution output counts.
+    ``joint_weight``: weight of the fused term; default: the variant's (:meth:`joint_weight`).
     """
 
     def __init__(
@@ -117,6 +129,7 @@ class MutualLearningLoss(nn.Module):
         variant: str = "paper",
         smooth: float = 1e-5,
         batch_dice: bool = False,
+        joint_weight: float | None = None,
     ) -> None:
         super().__init__()
         if variant not in LOSS_VARIANTS:
@@ -125,6 +138,11 @@ class MutualLearningLoss(nn.Module):
             lambda_intra = 0.5 if variant == "paper" else 1.0
         if lambda_intra < 0:
             raise ValueError(f"lambda_intra must be >= 0, got {lambda_intra}")
+        if joint_weight is not None and joint_weight < 0:
+            raise ValueError(f"joint_weight must be >= 0, got {joint_weight}")
+        if lambda_intra == 0 and joint_weight == 0:
+            raise ValueError("lambda_intra and joint_weight are both 0: nothing would be trained")
+        self.fixed_joint_weight = None if joint_weight is None else float(joint_weight)
         self.lambda_intra = float(lambda_intra)
         self.deep_supervision = bool(deep_supervision)
         self.variant = variant
@@ -138,7 +156,7 @@ class MutualLearningLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"variant={self.variant!r}, lambda_intra={self.lambda_intra}, "
-            f"deep_supervision={self.deep_supervision}"
+            f"joint_weight={self.fixed_joint_weight}, deep_supervision={self.deep_supervision}"
         )
 
     def _term(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -166,7 +184,10 @@ class MutualLearningLoss(nn.Module):
         return total
 
     def joint_weight(self, n_outputs: int) -> float:
-        """Weight of the fused term: 1 ("paper") or the full-resolution DS weight ("code")."""
+        """Weight of the fused term: as given, else 1 ("paper") or the full-resolution DS weight
+        ("code")."""
+        if self.fixed_joint_weight is not None:
+            return self.fixed_joint_weight
         if self.variant == "code" and self.deep_supervision:
             return deep_supervision_weights(n_outputs)[0]
         return 1.0
@@ -191,19 +212,26 @@ class MutualLearningLoss(nn.Module):
                     f"match the target {tuple(target.shape)}"
                 )
             n_outputs = max(n_outputs, len(outputs))
-            intra[phase] = self.intra_loss(outputs, target, cache)
-        total = self.lambda_intra * torch.stack(list(intra.values())).sum()
+            with _gradient_if(self.lambda_intra > 0):
+                intra[phase] = self.intra_loss(outputs, target, cache)
         joint_value = None
         joint_weight = self.joint_weight(n_outputs)
+        terms = [self.lambda_intra * torch.stack(list(intra.values())).sum()] if self.lambda_intra > 0 else []
         if output.fused_logits is not None:
             if tuple(output.fused_logits.shape[2:]) != full_shape:
                 raise ValueError(
                     f"fused output {tuple(output.fused_logits.shape)} does not match the target "
                     f"{tuple(target.shape)}"
                 )
-            joint = self._term(output.fused_logits, target)
-            total = total + joint_weight * joint
+            with _gradient_if(joint_weight > 0):
+                joint = self._term(output.fused_logits, target)
+            if joint_weight > 0:
+                terms.append(joint_weight * joint)
             joint_value = float(joint.detach())
+        if not terms:
+            raise ValueError("lambda_intra is 0 and the fused head did not run (a phase is missing): "
+                             "nothing to train on")
+        total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
         return LossBreakdown(
             total=total,
             joint=joint_value,

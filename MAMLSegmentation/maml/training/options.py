@@ -29,7 +29,8 @@ class TrainingOptions:
     poly_exponent: float = 0.9
     grad_clip: float = 12.0
     loss_variant: str = "paper"  # "paper" (lambda 0.5) or "code" (MutualLearningLoss.published_code)
-    lambda_intra: float | None = None
+    lambda_intra: float | None = None  # weight of the per-phase terms; 0: MS+MA (joint loss only)
+    joint_weight: float | None = None  # weight of the fused term; 0: MS+Ensemble (independent nets)
     modality_dropout: float = 0.0  # probability that an iteration trains one random phase alone
     oversample_foreground: float = 1 / 3
     augmentation: str = "default"
@@ -68,6 +69,15 @@ class TrainingOptions:
         for name in ("val_every", "val_patches"):
             if int(getattr(self, name)) < 0:
                 raise InputError(f"{name.replace('_', ' ')} must not be negative")
+        for name in ("lambda_intra", "joint_weight"):
+            value = getattr(self, name)
+            if value is not None and not float(value) >= 0:
+                raise InputError(f"{name.replace('_', ' ')} must be >= 0, got {value}")
+        if self.lambda_intra == 0 and self.joint_weight == 0:
+            raise InputError("--lambda-intra 0 and --joint-weight 0 together leave nothing to train")
+        if self.lambda_intra == 0 and self.modality_dropout > 0:
+            raise InputError("--lambda-intra 0 trains only the fused head, which a modality-dropout "
+                             "iteration skips: use one or the other")
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise InputError("modality dropout must be a probability in [0, 1]")
         if not 0.0 <= self.oversample_foreground <= 1.0:

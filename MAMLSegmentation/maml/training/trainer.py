@@ -255,6 +255,8 @@ class Trainer:
                                            deep_supervision=config.network.deep_supervision))
         if options.loss_variant == "code" and options.lambda_intra is not None:
             loss_fn.lambda_intra = float(options.lambda_intra)
+        if options.joint_weight is not None:
+            loss_fn.fixed_joint_weight = float(options.joint_weight)
         self.net, self.optimizer = net, optimizer
         if self.state is not None:
             self._restore(self.state)
