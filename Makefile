@@ -12,7 +12,7 @@ NNUNET_PIN := nnunetv2==2.8.1
 # Mesa's software OpenGL, for rendering Slicer slice views offscreen (screenshot and its test).
 SYSTEM_PACKAGES := libegl1 libegl-mesa0 libgbm1 libgl1-mesa-dri
 
-.PHONY: setup system-deps test demo bench bench-tables bench-tables-quick clean
+.PHONY: setup system-deps test test-benchmarks demo bench bench-tables bench-tables-quick clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
