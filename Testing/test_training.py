@@ -555,3 +555,26 @@ def test_init_from_a_two_phase_model_takes_each_phase_its_own_backbone(tmp_path)
         assert state_dicts_equal(state, earlier.backbones[phase].state_dict())
     with pytest.raises(InputError, match="portal"):
         backbone_source(tmp_path / "earlier.pt", "portal")
+
+
+def test_loader_workers_draw_new_patches_every_epoch(dataset, tmp_path):
+    """With loader worker processes, epoch e's batches are epoch e's patches (not the first's)."""
+    from maml.training.distributed import Distributed
+    from maml.training.trainer import Trainer
+
+    raw = read_dataset(dataset)
+    config = config_for_dataset(tiny_model_config(), raw)
+    cache = PreprocessedCache(tmp_path / "pre", config, raw)
+    cache.prepare_folder()
+    cache.build(raw.cases[:2], progress=False)
+    trainer = Trainer(dataset, tmp_path / "run", config, tiny_options(num_workers=1, augmentation="none"),
+                      None, Distributed(), torch.device("cpu"), show=False)
+    trainer.config, trainer.train_cases = config, [cache.load(c) for c in raw.cases[:2]]
+    loader = trainer.build_loader()
+    batches = []
+    for epoch in range(2):
+        trainer.patches.set_epoch(epoch)
+        batches.append(torch.cat([image for image, _ in loader]))
+    trainer.patches.set_epoch(1)
+    expected = torch.stack([trainer.patches[i][0] for i in range(len(trainer.patches))])
+    assert torch.equal(batches[1], expected) and not torch.equal(batches[0], batches[1])

@@ -292,8 +292,9 @@ class Trainer:
             batch_size=options.batch_size)
         return torch.utils.data.DataLoader(
             self.patches, batch_size=options.batch_size, shuffle=False, num_workers=options.num_workers,
-            drop_last=True, pin_memory=self.device.type == "cuda",
-            persistent_workers=options.num_workers > 0)
+            drop_last=True, pin_memory=self.device.type == "cuda")
+        # Not persistent: a worker keeps the copy of the patch data set it was started with, so a
+        # persistent one would never see set_epoch and would replay the first epoch's patches.
 
     # ---- one iteration, one epoch ----------------------------------------------------------
 
