@@ -78,12 +78,19 @@ def plot_curves(out_dir: Path, rows: list[dict], phases: Sequence[str], labels: 
     styles = ["-", "--", ":", "-."]
     for h, head in enumerate(heads):
         for l, label in enumerate(labels):
+            # lines: the per-epoch pseudo-Dice on fixed patches; dots: full-volume validations
+            key = f"val_pseudo_dice_{head}_{label}"
+            points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), styles[h % 4], color=colours[l % len(colours)],
+                        label=f"{head} {label}")
             key = f"val_dice_{head}_{label}"
             points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), styles[h % 4], color=colours[l % len(colours)], marker=".",
-                        label=f"{head} {label}")
-    ax.set_title("validation Dice (fused and per-phase heads)")
+                ax.plot(*zip(*points), "o", color=colours[l % len(colours)], markersize=5,
+                        fillstyle="full" if head == "fused" else "none",
+                        label=f"{head} {label} (full volumes)")
+    ax.set_title("validation Dice: pseudo-Dice per epoch (lines), full volumes (dots)")
     ax.set_xlabel("epoch")
     ax.set_ylim(0, 1)
     if ax.get_legend_handles_labels()[0]:
