@@ -247,24 +247,26 @@ def foreground_locations(seg: np.ndarray, classes: Sequence[int], seed: int = 0,
     return out
 
 
+def read_case_image(path: Path, case: str, what: str):
+    """One image of a case; an unreadable file is an input error naming the case and the file."""
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise InputError(f"case {case!r}: cannot read {what} {path}: {error}") from error
+
+
 def load_case_images(dataset: RawDataset, config: ModelConfig, case: str, register: str | None = None):
     """{phase: image} and the label image of one case, all on one grid.
 
     The reference grid is the label's. A phase on another grid is registered onto the first phase
     on the label grid when ``register`` names a preset of :mod:`maml.registration`, else rejected.
     """
-    import SimpleITK as sitk
-
     from ..preprocessing import check_same_grid
 
-    def read(path: Path, what: str):
-        try:
-            return sitk.ReadImage(str(path))
-        except RuntimeError as error:
-            raise InputError(f"case {case!r}: cannot read {what} {path}: {error}") from error
-
-    label = read(dataset.label_file(case), "label map")
-    images = {phase: read(path, f"phase {phase!r}")
+    label = read_case_image(dataset.label_file(case), case, "label map")
+    images = {phase: read_case_image(path, case, f"phase {phase!r}")
               for phase, path in zip(config.phases, dataset.image_files(case))}
     on_grid, off_grid = [], []
     for phase, image in images.items():

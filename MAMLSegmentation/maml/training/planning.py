@@ -115,24 +115,16 @@ def _foreground_statistics(values: np.ndarray) -> dict[str, float]:
 def _case_images(dataset, config: ModelConfig, case: str, register: str | None):
     """{phase: image or None} and the label image. Without ``register`` a phase off the label's grid
     is None: planning needs the geometry (the label's grid) and can go without its intensities."""
-    import SimpleITK as sitk
-
     from ..preprocessing import check_same_grid
-    from .dataset import load_case_images
+    from .dataset import load_case_images, read_case_image
 
     if register is not None:
         return load_case_images(dataset, config, case, register)
 
-    def read(path: Path, what: str):
-        try:
-            return sitk.ReadImage(str(path))
-        except RuntimeError as error:
-            raise InputError(f"case {case!r}: cannot read {what} {path}: {error}") from error
-
-    label = read(dataset.label_file(case), "label map")
+    label = read_case_image(dataset.label_file(case), case, "label map")
     images = {}
     for phase, path in zip(config.phases, dataset.image_files(case)):
-        image = read(path, f"phase {phase!r}")
+        image = read_case_image(path, case, f"phase {phase!r}")
         try:
             check_same_grid({"label": label, phase: image})
             images[phase] = image
