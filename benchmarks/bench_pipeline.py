@@ -1,10 +1,10 @@
 """Speed and memory of the whole `maml segment`, against the issue's targets, in one run.
 
 1. The bundled demo-size sample case (two phases, ~160x160x80): wall time per step, total against
-   the 60 s target (2 CPU cores).
-2. A full-size two-phase phantom (512x512 at ~0.75 mm, 1.5 mm slices): peak memory (max RSS of the
-   segmenting process) against the 8 GB target; windows are streamed and probabilities accumulated
-   at the model's resolution.
+   the 20 s target (2 CPU cores).
+2. A full-size two-phase phantom (512x512 at ~0.75 mm, 1.5 mm slices): wall time against the 60 s
+   target and peak memory (max RSS of the segmenting process) against the 3 GB target; windows are
+   streamed and probabilities accumulated at the model's resolution.
 
 Each run is its own `maml segment` process, so its max RSS is its own. Prints ratios to the targets.
 
@@ -44,6 +44,17 @@ def run_segment(phases: dict[str, Path], out: Path, model: str | None, register:
     return seconds, peak_gb, json.loads((out / "stats.json").read_text())
 
 
+def registration_split(stats: dict) -> str:
+    """Where the registration step's time went: itk-elastix's one-time loading in this process,
+    elastix's stages, and the rest (image conversion, resampling, the quality report)."""
+    total = stats["timings"].get("register", 0.0)
+    phases = stats.get("registration", {}).get("phases", {}).values()
+    loading = sum(q.get("stage_seconds", {}).get("elastix_loading", 0.0) for q in phases)
+    stages = sum(v for q in phases for k, v in q.get("stage_seconds", {}).items() if k != "elastix_loading")
+    return (f"register {total:.1f} s = loading itk-elastix {loading:.1f} s + elastix stages {stages:.1f} s "
+            f"+ conversion, resampling, quality {total - loading - stages:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint (default: the bundled demo model)")
@@ -59,7 +70,8 @@ def main() -> None:
         seconds, peak, stats = run_segment(phases, tmp / "demo", args.model, args.register)
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in stats["timings"].items())
         print(f"demo-size sample case: {seconds:.1f} s wall (process start included); steps: {steps}")
-        print(f"  ratio to the 60 s target: {seconds / 60:.2f} (target <= 1.0); peak memory {peak:.2f} GB")
+        print(f"  {registration_split(stats)}")
+        print(f"  ratio to the 20 s target: {seconds / 20:.2f} (target <= 1.0); peak memory {peak:.2f} GB")
 
         if args.skip_full:
             return
@@ -80,7 +92,9 @@ def main() -> None:
                                            ("--accept-out-of-distribution",))
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in stats["timings"].items())
         print(f"full-size case: {seconds:.1f} s wall; steps: {steps}")
-        print(f"  peak memory {peak:.2f} GB; ratio to the 8 GB target: {peak / 8:.2f} (target <= 1.0)")
+        print(f"  {registration_split(stats)}")
+        print(f"  ratio to the 60 s target: {seconds / 60:.2f}; peak memory {peak:.2f} GB, ratio to the "
+              f"3 GB target: {peak / 3:.2f} (targets <= 1.0)")
 
 
 if __name__ == "__main__":
