@@ -99,6 +99,15 @@ def _random_output(gen, phases=("arterial", "venous"), levels=3, fused=True, bat
     return Output(phase_logits, fused_logits, None)
 
 
+def _random_output_tracking_gradients(gen):
+    """A random two-phase output whose fused logits and full-resolution phase logits get gradients."""
+    output = _random_output(gen)
+    output.fused_logits.requires_grad_(True)
+    for outputs in output.phase_logits.values():
+        outputs[0].requires_grad_(True)
+    return output
+
+
 def _hand_intra(outputs, target, weights):
     total = 0.0
     for logits, weight in zip(outputs, weights):
@@ -184,10 +193,7 @@ def test_missing_fused_path_counts_present_phases_only():
 def test_joint_weight_zero_trains_the_phase_nets_independently():
     """MS+Ensemble: the fused term is logged but adds nothing, and no gradient reaches the fusion."""
     gen = torch.Generator().manual_seed(5)
-    output = _random_output(gen)
-    output.fused_logits.requires_grad_(True)
-    for outputs in output.phase_logits.values():
-        outputs[0].requires_grad_(True)
+    output = _random_output_tracking_gradients(gen)
     target = torch.randint(0, 3, (2, 1, 4, 8, 8), generator=gen)
     result = MutualLearningLoss(lambda_intra=1.0, joint_weight=0.0)(output, target)
     assert result.joint_weight == 0.0 and result.joint is not None
@@ -200,10 +206,7 @@ def test_joint_weight_zero_trains_the_phase_nets_independently():
 def test_lambda_zero_trains_the_fusion_alone():
     """MS+MA: only the joint term counts; the phase terms are still logged."""
     gen = torch.Generator().manual_seed(6)
-    output = _random_output(gen)
-    output.fused_logits.requires_grad_(True)
-    for outputs in output.phase_logits.values():
-        outputs[0].requires_grad_(True)
+    output = _random_output_tracking_gradients(gen)
     target = torch.randint(0, 3, (2, 1, 4, 8, 8), generator=gen)
     result = MutualLearningLoss(lambda_intra=0.0)(output, target)
     assert set(result.intra) == {"arterial", "venous"} and all(v > 0 for v in result.intra.values())

@@ -213,13 +213,18 @@ def test_sampled_region_holds_any_rotation_of_the_patch():
     assert starts[:, 1].min() == -(102 - 64) // 2 and starts[:, 1].max() == 80 + 19 - 102
 
 
+def _preprocessed_cases(tmp_path, config, raw, count: int) -> list:
+    """The first ``count`` cases of ``raw``, preprocessed into a cache under ``tmp_path``."""
+    cache = PreprocessedCache(tmp_path / "pre", config, raw)
+    cache.prepare_folder()
+    cache.build(raw.cases[:count], progress=False)
+    return [cache.load(case) for case in raw.cases[:count]]
+
+
 def test_augmentation_is_nnunets_and_pads_with_air(dataset, tmp_path):
     raw = read_dataset(dataset)
     config = config_for_dataset(tiny_model_config(), raw)
-    cache = PreprocessedCache(tmp_path / "pre", config, raw)
-    cache.prepare_folder()
-    cache.build(raw.cases[:1], progress=False)
-    case = cache.load(raw.cases[0])
+    case, = _preprocessed_cases(tmp_path, config, raw, 1)
     air = [float(case.data[c].min()) for c in range(2)]
     patch = (8, 16, 16)
     patches = PatchDataset([case], patch, length=64, seed=2, augmentation=build_augmentation(
@@ -564,12 +569,9 @@ def test_loader_workers_draw_new_patches_every_epoch(dataset, tmp_path):
 
     raw = read_dataset(dataset)
     config = config_for_dataset(tiny_model_config(), raw)
-    cache = PreprocessedCache(tmp_path / "pre", config, raw)
-    cache.prepare_folder()
-    cache.build(raw.cases[:2], progress=False)
     trainer = Trainer(dataset, tmp_path / "run", config, tiny_options(num_workers=1, augmentation="none"),
                       None, Distributed(), torch.device("cpu"), show=False)
-    trainer.config, trainer.train_cases = config, [cache.load(c) for c in raw.cases[:2]]
+    trainer.config, trainer.train_cases = config, _preprocessed_cases(tmp_path, config, raw, 2)
     loader = trainer.build_loader()
     batches = []
     for epoch in range(2):
