@@ -49,8 +49,8 @@ def registration_split(stats: dict) -> str:
     elastix's stages, and the rest (image conversion, resampling, the quality report)."""
     total = stats["timings"].get("register", 0.0)
     phases = stats.get("registration", {}).get("phases", {}).values()
-    loading = sum(q.get("stage_seconds", {}).get("elastix_loading", 0.0) for q in phases)
-    stages = sum(v for q in phases for k, v in q.get("stage_seconds", {}).items() if k != "elastix_loading")
+    loading = sum(q.get("elastix_loading_seconds", 0.0) for q in phases)
+    stages = sum(sum(q.get("stage_seconds", {}).values()) for q in phases)
     return (f"register {total:.1f} s = loading itk-elastix {loading:.1f} s + elastix stages {stages:.1f} s "
             f"+ conversion, resampling, quality {total - loading - stages:.1f} s")
 
