@@ -113,6 +113,46 @@ def test_feature_check_thresholds_scale_the_held_out_limit(fingerprint):
     assert status(domain.FEATURE_MEAN_REFUSE + 0.1) == domain.REFUSED
 
 
+def test_feature_limits_lie_beyond_the_held_out_means_by_their_spread(fingerprint):
+    stats = dict(fingerprint["features"]["venous"])
+    stats["calibration_mean"] = [10.0, 11.0, 12.0, 11.0, 11.0, 13.0]
+    stats["calibration_mean_limit"] = 13.0
+    spread = float(np.std(stats["calibration_mean"], ddof=1))
+    warn, refuse = domain.feature_mean_limits(stats)
+    assert warn == pytest.approx(13.0 + domain.FEATURE_MEAN_WARN_SD * spread)
+    assert refuse == pytest.approx(13.0 + domain.FEATURE_MEAN_REFUSE_SD * spread)
+    wider = dict(stats, calibration_mean=[7.0, 9.0, 13.0, 11.0, 8.0, 13.0])
+    assert domain.feature_mean_limits(wider)[1] > refuse  # varied held-out cases: a wider margin
+    few = dict(stats, calibration_mean=[13.0])  # no spread to measure: fixed factors
+    assert domain.feature_mean_limits(few) == pytest.approx(
+        (domain.FEATURE_MEAN_WARN * 13.0, domain.FEATURE_MEAN_REFUSE * 13.0))
+
+
+def _body_with_lungs_above_the_liver():
+    hu = np.full((40, 50, 50), -1000.0, np.float32)
+    hu[:, 5:45, 5:45] = 40.0  # the body, every slice
+    hu[30:38, 15:35, 15:35] = -850.0  # lungs: air inside the body, high up (z index grows to the head)
+    liver = np.zeros(hu.shape, bool)
+    liver[10:20, 15:35, 15:35] = True
+    return hu, liver
+
+
+def test_lungs_below_the_liver_are_refused_whatever_the_training_range(fingerprint):
+    hu, liver = _body_with_lungs_above_the_liver()
+    wide = {**fingerprint, "output": {**fingerprint["output"], "internal_air_offset_mm": [3.0, 95.0]}}
+
+    def orientation(hu, liver):
+        image = sitk.GetImageFromArray(hu)
+        image.SetSpacing((2.0, 2.0, 2.5))
+        checks = domain.check_output(liver.astype(np.uint8), (2.5, 2.0, 2.0), {"venous": image}, wide, 1, 2)
+        return {c.name: c for c in checks}["orientation.internal_air_above_liver_mm"]
+
+    assert orientation(hu, liver).status == domain.OK  # lungs 47.5 mm above the liver
+    flipped = orientation(hu[::-1].copy(), liver[::-1].copy())
+    assert flipped.value == pytest.approx(-47.5)  # within 100 mm of the training range, yet refused
+    assert flipped.status == domain.REFUSED and "flipped head to foot" in flipped.message
+
+
 def test_output_checks_refuse_a_missing_liver_and_warn_on_pieces(fingerprint):
     spacing = (3.0, 2.0, 2.0)
     labels = np.zeros((60, 100, 100), np.uint8)
@@ -156,11 +196,7 @@ def test_report_sentence_names_model_reason_and_way_out():
 
 
 def test_internal_air_offset_tells_head_from_foot():
-    hu = np.full((40, 50, 50), -1000.0, np.float32)
-    hu[:, 5:45, 5:45] = 40.0  # the body, every slice
-    hu[30:38, 15:35, 15:35] = -850.0  # lungs: air inside the body, high up (z index grows to the head)
-    liver = np.zeros(hu.shape, bool)
-    liver[10:20, 15:35, 15:35] = True
+    hu, liver = _body_with_lungs_above_the_liver()
     image = sitk.GetImageFromArray(hu)
     image.SetSpacing((2.0, 2.0, 2.5))  # 32 mL of air
     assert domain.internal_air_offset_mm(image, liver) == pytest.approx((33.5 - 14.5) * 2.5)

@@ -36,7 +36,9 @@ PERCENTILES = (5, 50, 95)
 
 # Tolerances, as factors of the training range (geometry, output) or in HU (intensity). A warning
 # asks the reader to look twice; a refusal is reserved for inputs far outside what the model saw.
-SPACING_WARN, SPACING_REFUSE = (0.8, 1.25), (0.5, 2.0)
+# Voxels coarser than the coarsest training voxels by half again lose detail the model never had to
+# do without (8 mm slices for a model trained up to 5 mm); finer ones are resampled to its grid.
+SPACING_WARN, SPACING_REFUSE = (0.8, 1.2), (0.5, 1.5)
 EXTENT_WARN, EXTENT_REFUSE = (0.5, 1.5), (0.2, 3.0)
 LIVER_VOLUME_WARN, LIVER_VOLUME_REFUSE = (0.6, 1.5), (0.2, 3.0)
 INTENSITY_WARN_HU, INTENSITY_REFUSE_HU = 60.0, 250.0
@@ -45,8 +47,16 @@ LIVER_PIECES_WARN, LIVER_PIECES_REFUSE = 3, 8
 # Orientation: mm beyond the training range of "how far above the liver the air inside the body is".
 AIR_OFFSET_WARN_MM, AIR_OFFSET_REFUSE_MM = 40.0, 100.0
 MIN_INTERNAL_AIR_ML = 20.0
-# Feature distance, as factors of the largest held-out value: the mean over a case's body windows is
-# stable from case to case and decides; its maximum (one odd window) only warns.
+# Orientation whatever the training data: in patient coordinates the lungs lie above the liver, so
+# internal air this far below the liver's centre means the header's head-foot axis is reversed.
+AIR_BELOW_LIVER_REFUSE_MM = 20.0
+# Feature distance: the mean over a case's body windows is stable from case to case and decides; its
+# maximum (one odd window) only warns. Limits lie beyond the largest held-out mean by multiples of
+# the held-out means' spread, so a model trained on varied data (wide spread) keeps a wide margin
+# and a narrow one a narrow margin: a fixed factor of the largest value would let a uniformly
+# distant input pass one model and a typical case fail another.
+FEATURE_MEAN_WARN_SD, FEATURE_MEAN_REFUSE_SD = 1.5, 3.0
+MIN_CALIBRATION_CASES = 5  # fewer held-out means give no usable spread: fixed factors instead
 FEATURE_MEAN_WARN, FEATURE_MEAN_REFUSE = 1.25, 1.5
 FEATURE_MAX_WARN = 1.5
 MEMORY_HEADROOM = 0.85  # of the memory available now
@@ -317,12 +327,24 @@ def check_memory(reference, config, n_phases: int, available: int | None = None)
                  f"needs about {needed / 1e9:.1f} GB of memory, {available / 1e9:.1f} GB available")
 
 
+def feature_mean_limits(stats: Mapping[str, Any]) -> tuple[float, float]:
+    """(warning, refusal) limits of a case's mean feature distance, from the held-out cases' means:
+    their largest plus multiples of their standard deviation, or fixed factors of the largest when
+    too few cases were held out to measure a spread."""
+    largest = float(stats["calibration_mean_limit"])
+    held_out = np.asarray(stats.get("calibration_mean", []), dtype=np.float64)
+    if held_out.size < MIN_CALIBRATION_CASES:
+        return FEATURE_MEAN_WARN * largest, FEATURE_MEAN_REFUSE * largest
+    spread = float(held_out.std(ddof=1))
+    return largest + FEATURE_MEAN_WARN_SD * spread, largest + FEATURE_MEAN_REFUSE_SD * spread
+
+
 def check_features(distances: Mapping[str, Mapping[str, float]], fingerprint: Mapping) -> list[Check]:
     checks = []
     for phase, measured in distances.items():
         stats = fingerprint["features"][phase]
-        mean, mean_limit = measured["mean"], float(stats["calibration_mean_limit"])
-        warn, refuse = FEATURE_MEAN_WARN * mean_limit, FEATURE_MEAN_REFUSE * mean_limit
+        mean = measured["mean"]
+        warn, refuse = feature_mean_limits(stats)
         status = REFUSED if mean > refuse else WARNING if mean > warn else OK
         checks.append(Check(f"{phase}.feature_distance.mean", status, round(mean, 2),
                             {"warning_above": round(warn, 2), "refused_above": round(refuse, 2)},
@@ -366,12 +388,13 @@ def check_output(labels: np.ndarray, spacing_zyx: Sequence[float], phases_on_ref
         if offset is not None:
             low, high = known_offset
             outside = max(low - offset, offset - high, 0.0)
-            status = (REFUSED if outside > AIR_OFFSET_REFUSE_MM else
-                      WARNING if outside > AIR_OFFSET_WARN_MM else OK)
+            status = (REFUSED if outside > AIR_OFFSET_REFUSE_MM or offset < -AIR_BELOW_LIVER_REFUSE_MM
+                      else WARNING if outside > AIR_OFFSET_WARN_MM else OK)
             checks.append(Check("orientation.internal_air_above_liver_mm", status, round(offset, 1),
                                 {"training_range": [round(low, 1), round(high, 1)],
                                  "warning_beyond_mm": AIR_OFFSET_WARN_MM,
-                                 "refused_beyond_mm": AIR_OFFSET_REFUSE_MM},
+                                 "refused_beyond_mm": AIR_OFFSET_REFUSE_MM,
+                                 "refused_below_mm": -AIR_BELOW_LIVER_REFUSE_MM},
                                 f"the air inside the body (lungs) lies {offset:.0f} mm above the "
                                 f"liver (training cases {low:.0f} to {high:.0f} mm): is the image "
                                 "flipped head to foot?"))
@@ -397,6 +420,8 @@ def fingerprint_summary(fingerprint: dict[str, Any] | None) -> dict[str, Any] | 
     summary["feature_distance_limits"] = {
         phase: {"max": round(stats["calibration_max_limit"], 3),
                 "mean": round(stats["calibration_mean_limit"], 3),
+                "mean_warning_above": round(feature_mean_limits(stats)[0], 3),
+                "mean_refused_above": round(feature_mean_limits(stats)[1], 3),
                 "windows": stats["windows"], "channels": int(len(stats["mean"]))}
         for phase, stats in fingerprint.get("features", {}).items()}
     return summary

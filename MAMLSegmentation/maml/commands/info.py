@@ -68,7 +68,8 @@ def _describe_postprocessing(settings: dict) -> str:
 def _describe_fingerprint(summary: dict | None) -> str:
     if not summary:
         return "none: the out-of-distribution check cannot run (add one with maml fingerprint)"
-    limits = ", ".join(f"{phase} {limit['max']:.1f}" for phase, limit in
+    limits = ", ".join(f"{phase} {limit['mean_refused_above']:.1f}" for phase, limit in
                        summary["feature_distance_limits"].items())
     return (f"{summary['training_cases']} training cases of {summary['dataset']}, "
-            f"{summary['calibration_cases']} held-out cases; feature distance limits {limits}")
+            f"{summary['calibration_cases']} held-out cases; refused above a mean feature "
+            f"distance of {limits}")
