@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	# cpu-fast: OpenVINO (numpy, no torch), so the suite covers both inference backends; train:
 	# nnU-Net's augmentation library, held to the torch already here.
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[test,cpu-fast,train]"
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e ".[test,cpu-fast,train,elastix]"
 	# nnU-Net's network package, for the fidelity tests; its deps would replace torch.
 	$(PIP) install -q --no-deps $(DNA_PIN)
 	# nnU-Net v2 itself, for the import-nnunet tests (they train and predict with it), held to the

@@ -74,6 +74,7 @@ def test_segment_both_phases_writes_every_output_in_the_reference_geometry(tiny_
     assert stats["postprocessing"] == {"largest_component": False, "min_volume_ml": {}}  # the model's
     assert set(stats["timings"]) == {"load", "register", "inference", "statistics", "write"}
     assert stats["registration"]["phases"]["arterial"]["after"] > stats["registration"]["phases"]["arterial"]["before"]
+    assert stats["registration"]["engine"] == stats["registration"]["phases"]["arterial"]["engine"] == "simpleitk"
     assert stats["tumor_count"] == len(stats["tumors"])
     for tumor in stats["tumors"]:  # per-phase enhancement of every tumor (maml.stats.tumor_enhancement)
         e = tumor["enhancement"]
@@ -235,3 +236,16 @@ def test_dicom_folder_with_several_series_is_one_clear_error_and_one_series_can_
                                    "--model", tiny_model, "--register", "none", "--no-overview"], capsys)
     assert code == 0, stderr
     assert sitk.ReadImage(str(out / "segmentation.nii.gz")).GetSize() == venous.GetSize()
+
+
+def test_registration_engine_option_reaches_the_segment_options():
+    import argparse
+
+    from maml.commands import segment as command
+
+    parser = argparse.ArgumentParser()
+    command.configure(parser)
+    given = ["--phase", "venous=v.nii.gz", "--out", "o"]
+    assert command.options_from(parser.parse_args(given)).registration_engine == "simpleitk"
+    chosen = parser.parse_args([*given, "--registration-engine", "elastix"])
+    assert command.options_from(chosen).registration_engine == "elastix"

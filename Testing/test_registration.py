@@ -137,16 +137,26 @@ def pair():
 
 @pytest.fixture(scope="module")
 def results(pair):
-    """Every preset once on the synthetic pair (the first call pays elastix's start-up)."""
+    """Every preset once on the synthetic pair with elastix (the first call pays its start-up)."""
+    before = {k: fingerprint(pair[k]) for k in ("fixed", "moving")}
+    out = {preset: reg.register(pair["fixed"], pair["moving"], preset, engine="elastix")
+           for preset in reg.PRESETS}
+    out["_fingerprints_before"] = before
+    return out
+
+
+@pytest.fixture(scope="module")
+def sitk_results(pair):
+    """Every preset once on the synthetic pair with SimpleITK (the default engine)."""
     before = {k: fingerprint(pair[k]) for k in ("fixed", "moving")}
     out = {preset: reg.register(pair["fixed"], pair["moving"], preset) for preset in reg.PRESETS}
     out["_fingerprints_before"] = before
     return out
 
 
-@pytest.fixture(scope="module")
-def phantom_results():
-    """Two demo-size phantom cases with known breathing motion, default (deformable) preset."""
+@pytest.fixture(scope="module", params=reg.ENGINES)
+def phantom_results(request):
+    """Two demo-size phantom cases with known breathing motion, default (deformable) preset, per engine."""
     from maml.synthetic import make_case
 
     out = []
@@ -154,7 +164,7 @@ def phantom_results():
     # view and z extents per case), so registering the unrelated pair runs and its quality is judged.
     for seed in (8, 0):
         case = make_case(seed, "demo")
-        result = reg.register(case.images["venous"], case.images["arterial"])
+        result = reg.register(case.images["venous"], case.images["arterial"], engine=request.param)
         out.append((case, result))
     return out
 
@@ -218,7 +228,52 @@ def test_deformable_on_synthetic_pair_improves(pair, results):
     assert "after_rigid_stage" not in results["rigid"].quality
 
 
-def test_results_geometry_pixel_type_and_inputs_unmodified(pair, results):
+def test_simpleitk_presets_recover_known_motion(pair, sitk_results):
+    rigid, affine, deformable = (sitk_results[p] for p in ("rigid", "affine", "deformable"))
+    assert all(r.quality["engine"] == "simpleitk" and r.quality["elastix_loading_seconds"] == 0.0
+               for r in (rigid, affine, deformable))
+    assert tre(rigid.transform, pair["true"], pair["fixed_label"]) < 0.5
+    assert dice(reg.warp_label(pair["moving_label"], pair["fixed"], rigid.transform), pair["fixed_label"]) > 0.97
+    assert abs(rigid.quality["matrix_determinant"] - 1.0) < 1e-6 and rigid.quality["warning"] is None
+    assert tre(affine.transform, pair["true"], pair["fixed_label"]) < 1.5
+    assert 0.95 < np.linalg.det(affine.matrix[:3, :3]) < 1.05
+    # Unlike elastix's, SimpleITK's B-spline keeps the rigid optimum on these blobs.
+    assert tre(deformable.transform, pair["true"], pair["fixed_label"]) < 0.5
+    assert deformable.matrix is None and deformable.quality["jacobian_min"] > 0
+    assert set(deformable.quality["stage_seconds"]) == {"rigid", "bspline"}
+    assert deformable.quality["warning"] is None, deformable.quality["warning"]
+
+
+@pytest.mark.parametrize("preset,suffix", [("affine", ".tfm"), ("deformable", ".h5")])
+def test_simpleitk_transforms_read_back(sitk_results, tmp_path, preset, suffix):
+    test_written_transform_reads_back(sitk_results, tmp_path, preset, suffix)
+
+
+def test_simpleitk_failure_and_cancel_inside_a_stage(pair):
+    moving = pair["moving"]
+    corner = np.zeros(sitk.GetArrayViewFromImage(moving).shape, np.uint8)
+    corner[:2, :2, :2] = 1
+    corner_mask = sitk.GetImageFromArray(corner)
+    corner_mask.CopyInformation(moving)
+    with pytest.raises(RegistrationError, match=r"SimpleITK failed .*\(rigid stage\): All samples map "
+                                                r"outside moving image buffer$"):
+        reg.register(pair["fixed"], moving, "rigid", moving_mask=corner_mask)
+    calls = []
+    with pytest.raises(CancelledError):  # asked while the B-spline stage iterates, not between stages
+        reg.register(pair["fixed"], moving, "deformable", progress=lambda f, m: calls.append(m),
+                     cancel=lambda: any("bspline, level 1" in m for m in calls))
+    assert "registration stage 2/2: bspline, level 1" in calls and "registration stages done" not in calls
+
+
+def test_elastix_engine_without_itk_elastix_says_how_to_get_it(pair, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "itk", None)  # as if itk-elastix were not installed
+    with pytest.raises(InputError, match="needs itk-elastix.*--registration-engine simpleitk"):
+        reg.register(pair["fixed"], pair["moving"], "rigid", engine="elastix")
+
+
+def test_results_geometry_pixel_type_and_inputs_unmodified(pair, results, sitk_results):
     for preset in reg.PRESETS:
         registered = results[preset].registered
         assert registered.GetSize() == pair["fixed"].GetSize()
@@ -227,6 +282,8 @@ def test_results_geometry_pixel_type_and_inputs_unmodified(pair, results):
         assert registered.GetPixelID() == pair["moving"].GetPixelID()
         assert isinstance(results[preset].quality["seconds"], float)
     for key, value in results["_fingerprints_before"].items():
+        assert fingerprint(pair[key]) == value, f"{key} image was modified"
+    for key, value in sitk_results["_fingerprints_before"].items():
         assert fingerprint(pair[key]) == value, f"{key} image was modified"
 
 
@@ -256,10 +313,12 @@ def test_masks_on_other_grids(pair):
     fixed, moving = pair["fixed"], pair["moving"]
     fixed_mask = sitk.Shrink(sitk.Cast(fixed > -500, sitk.sitkUInt8), [2, 2, 2])
     moving_mask = sitk.Shrink(sitk.Cast(moving > -500, sitk.sitkUInt8), [2, 2, 1])
-    result = reg.register(fixed, moving, "rigid", fixed_mask=fixed_mask, moving_mask=moving_mask)
-    assert tre(result.transform, pair["true"], pair["fixed_label"]) < 0.5
-    assert result.quality["region"] == "fixed mask"
-    assert result.quality["warning"] is None, result.quality["warning"]
+    for engine in reg.ENGINES:
+        result = reg.register(fixed, moving, "rigid", fixed_mask=fixed_mask, moving_mask=moving_mask,
+                              engine=engine)
+        assert tre(result.transform, pair["true"], pair["fixed_label"]) < 0.5, engine
+        assert result.quality["region"] == "fixed mask"
+        assert result.quality["warning"] is None, result.quality["warning"]
 
 
 @pytest.mark.parametrize("preset,suffix", [("rigid", ".h5"), ("affine", ".tfm"), ("deformable", ".h5")])
@@ -308,6 +367,20 @@ def test_phantom_accuracy_default_preset(phantom_results):
         assert result.quality["preset"] == "deformable"
 
 
+def test_resampling_field_follows_the_deformable_transform_to_the_last_voxel(phantom_results):
+    case, result = phantom_results[0]
+    fixed = case.images["venous"]
+    sampled = reg.sampled_displacement(result.transform, fixed)
+    size = np.array(fixed.GetSize())
+    rng = np.random.default_rng(4)
+    indices = np.vstack([rng.uniform(0, size - 1, (300, 3)), [size - 1, [0, 0, 0], [size[0] - 1, 0, size[2] - 1]]])
+    points = [fixed.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in indices]
+    error = np.linalg.norm(_map(sampled, np.array(points)) - _map(result.transform, np.array(points)), axis=1)
+    assert error.max() < 0.05, error.max()  # mm, corners included
+    moved = np.linalg.norm(_map(result.transform, np.array(points)) - np.array(points), axis=1)
+    assert moved.max() > 1.0  # the transform does move points: the comparison means something
+
+
 def test_quality_warns_for_unrelated_images(phantom_results):
     (case_a, _), (case_b, _) = phantom_results
     result = reg.register(case_a.images["venous"], case_b.images["arterial"], "rigid")
@@ -343,7 +416,9 @@ def test_bad_inputs_name_the_image(pair):
     corner_mask = sitk.GetImageFromArray(corner)
     corner_mask.CopyInformation(moving)
     with pytest.raises(RegistrationError, match="elastix failed.*moving.*samples"):
-        reg.register(fixed, moving, "rigid", moving_mask=corner_mask)
+        reg.register(fixed, moving, "rigid", moving_mask=corner_mask, engine="elastix")
+    with pytest.raises(InputError, match="engine"):
+        reg.register(fixed, moving, "rigid", engine="ants")
     far = sitk.Image(moving)
     far.SetOrigin(tuple(np.array(moving.GetOrigin()) + (0.0, 0.0, 2000.0)))
     with pytest.raises(RegistrationError, match="fixed and moving images do not overlap"):
@@ -417,3 +492,14 @@ def test_cli_end_to_end(pair, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.nii.gz" in err and "moving" in err
     assert not out2.exists()
+
+
+def test_a_signal_raised_inside_simpleitk_comes_back_as_itself():
+    """A SIGTERM handler firing on a callback's first instruction escapes the guard; SimpleITK
+    prints the exception, and the stage raises it again from that print, not a generic error."""
+    printed = ('Traceback (most recent call last):\n  File "registration.py", line 551, in run\n'
+               '    def run() -> None:\nmaml.errors.CancelledError: stopped by SIGTERM\n')
+    error = reg._interruption(printed)
+    assert isinstance(error, CancelledError) and str(error) == "stopped by SIGTERM"
+    assert isinstance(reg._interruption("Traceback ...\nKeyboardInterrupt\n"), KeyboardInterrupt)
+    assert str(reg._interruption("")) == "registration interrupted"

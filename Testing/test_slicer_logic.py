@@ -442,6 +442,9 @@ def test_dependency_check_is_version_aware():
     assert not any(name in " ".join(install.requiredPackages(True)) for name in ("monai", "tqdm", "matplotlib"))
     assert "highdicom>=0.22" in install.requiredPackages(dicomSeg=True)
     assert "highdicom>=0.22" not in install.requiredPackages(dicomSeg=False)
+    # itk-elastix only for the elastix registration engine (the panel runs SimpleITK's)
+    assert not any("itk-elastix" in text for text in install.requiredPackages(True, "openvino"))
+    assert "itk-elastix>=0.20" in install.requiredPackages(registrationEngine="elastix")
     # a too old highdicom counts as missing, an installed new enough one does not
     old = {"highdicom": "0.1.0"}
     versions = lambda name: old.get(name) or metadata.version(name)  # noqa: E731

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
         # --- maml.registration.register (staged, plus resampling and the quality report).
         t0 = time.perf_counter()
-        result = reg.register(fixed, moving, args.preset)
+        result = reg.register(fixed, moving, args.preset, engine="elastix")
         time_maml = time.perf_counter() - t0
 
         # --- the elastix program with the same parameter files, then transformix for its field.

@@ -4,8 +4,10 @@ As SlicerNNUnet's install logic does: requirements are checked by version (``pac
 presence, and only what the chosen options need is installed. PyTorch comes from the PyTorch
 extension (not here). What Slicer's engine runs needs:
 
-- always: itk-elastix (registration) and SciPy (post-processing; bundled with Slicer, so normally
-  already satisfied);
+- always: SciPy (post-processing; bundled with Slicer, so normally already satisfied); the phases
+  are registered with SimpleITK, which Slicer bundles;
+- the elastix registration engine (``--registration-engine elastix``, not what the panel runs):
+  itk-elastix;
 - a DICOM SEG output: highdicom (it brings pydicom);
 - the OpenVINO backend (about twice as fast as torch on the CPU): openvino, when chosen explicitly
   (``auto`` uses it only when it is there).
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 from importlib import metadata
 
-BASE_REQUIREMENTS = ("itk-elastix>=0.20", "scipy>=1.10")
+BASE_REQUIREMENTS = ("scipy>=1.10",)
+ELASTIX_REQUIREMENTS = ("itk-elastix>=0.20",)
 DICOM_SEG_REQUIREMENTS = ("highdicom>=0.22",)
 OPENVINO_REQUIREMENTS = ("openvino>=2024.6",)
 # What pip must never replace: pinned to the installed versions with a constraints file.
@@ -35,10 +38,12 @@ def _requirementClass():
     return Requirement
 
 
-def requiredPackages(dicomSeg: bool = False, backend: str = "auto") -> list:
+def requiredPackages(dicomSeg: bool = False, backend: str = "auto",
+                     registrationEngine: str = "simpleitk") -> list:
     """Requirement strings for the chosen options."""
     return (list(BASE_REQUIREMENTS) + (list(DICOM_SEG_REQUIREMENTS) if dicomSeg else [])
-            + (list(OPENVINO_REQUIREMENTS) if backend == "openvino" else []))
+            + (list(OPENVINO_REQUIREMENTS) if backend == "openvino" else [])
+            + (list(ELASTIX_REQUIREMENTS) if registrationEngine == "elastix" else []))
 
 
 def unmetRequirement(text: str, version=metadata.version) -> str | None:
@@ -97,7 +102,7 @@ def installMissing(pipInstall, constraintsDir, dicomSeg: bool = False, backend: 
 
 
 def missingEngineDependencies(findSpec=None, version=metadata.version) -> list:
-    """What a run of the engine lacks in this Python ("torch", "itk-elastix>=0.20 (...)"): the
+    """What a run of the engine lacks in this Python ("torch", "scipy>=1.10 (...)"): the
     Reload-and-Test case skips with this list where the Extensions build machines have neither."""
     from importlib.util import find_spec
 

@@ -42,6 +42,7 @@ def default_model_path() -> Path:
 @dataclass
 class SegmentOptions:
     registration: str = "deformable"  # none | rigid | affine | deformable
+    registration_engine: str = "simpleitk"  # simpleitk | elastix (maml.registration)
     reference: str | None = None  # default: "venous" when given, else the first given phase
     device: str = "auto"
     backend: str = "auto"  # auto | torch | openvino (maml.backends)
@@ -169,7 +170,7 @@ def segment(
             report("register", (index + fraction) / len(moving), f"{phase}: {message}")
 
         result = register(phases[reference], phases[phase], options.registration,
-                          progress=stage, cancel=cancel)
+                          progress=stage, cancel=cancel, engine=options.registration_engine)
         check_registration(result.quality, phase, reference, options.allow_poor_registration)
         on_reference[phase] = result.registered
         transforms[phase] = result.transform
@@ -200,7 +201,8 @@ def segment(
         "head": prediction.head,
         "postprocessing": (asdict(config.postprocessing) if options.postprocess else None),
         "domain_check": domain.to_dict(),
-        "registration": {"preset": options.registration, "phases": quality},
+        "registration": {"preset": options.registration, "engine": options.registration_engine,
+                         "phases": quality},
         "device": str(device) if device.type == "cpu" else f"{device} ({_gpu_name()})",
         "backend": prediction.backend,
         "model": {

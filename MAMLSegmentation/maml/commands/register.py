@@ -1,11 +1,11 @@
-"""``maml register``: register a moving phase onto a fixed (reference) phase with elastix."""
+"""``maml register``: register a moving phase onto a fixed (reference) phase."""
 
 from __future__ import annotations
 
 import argparse
 
 HELP = (
-    "Register a moving CT phase onto a fixed (reference) phase with elastix: writes registered.nii.gz, "
+    "Register a moving CT phase onto a fixed (reference) phase (SimpleITK or elastix): writes registered.nii.gz, "
     "transform.h5 (fixed -> moving, readable by Slicer), matrix.txt (linear presets) and quality.json."
 )
 
@@ -17,6 +17,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="deformable", choices=("none", "rigid", "affine", "deformable"),
                         help="none, rigid, affine (rigid then affine) or deformable (rigid then "
                              "B-spline, default)")
+    parser.add_argument("--engine", default="simpleitk", choices=("simpleitk", "elastix"),
+                        help="SimpleITK (default) or itk-elastix; the same stages and metric")
     parser.add_argument("--fixed-mask", help="optional mask (voxels > 0) of the fixed image, e.g. body or liver")
     parser.add_argument("--moving-mask", help="optional mask (voxels > 0) of the moving image")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = register(fixed, moving, args.preset, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                          progress=progress)
+                          progress=progress, engine=args.engine)
     finally:
         if bar is not None:
             bar.close()
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             np.savetxt(tmp / "matrix.txt", result.matrix, fmt="%.10g",
                        header="4x4 LPS matrix: fixed physical point -> moving physical point (ITK resampling direction)")
         io.write_json(quality, tmp / "quality.json")
-    print(f"registered ({args.preset}): NMI {quality['before']} -> {quality['after']} in {quality['seconds']:.1f} s; "
+    print(f"registered ({args.preset}, {args.engine}): NMI {quality['before']} -> {quality['after']} in {quality['seconds']:.1f} s; "
           f"results in {args.out}")
     if quality.get("warning"):
         print(f"warning: {quality['warning']}")

@@ -25,6 +25,9 @@ def add_run_options(parser) -> None:
     parser.add_argument("--model", help="checkpoint file (default: the bundled demo model)")
     parser.add_argument("--register", default="deformable", choices=("none", "rigid", "affine", "deformable"),
                         help="how to align the phases onto the reference phase (default: deformable)")
+    parser.add_argument("--registration-engine", default="simpleitk", choices=("simpleitk", "elastix"),
+                        help="what registers the phases: SimpleITK (default) or itk-elastix (the same "
+                             "stages; its first use in a process loads for 8-17 s)")
     parser.add_argument("--reference", help="phase whose geometry the results take (default: venous)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_backend_option(parser)
@@ -58,7 +61,8 @@ def configure(parser) -> None:
 def options_from(args):
     from ..pipeline import SegmentOptions
 
-    return SegmentOptions(registration=args.register, reference=args.reference, device=args.device,
+    return SegmentOptions(registration=args.register, registration_engine=args.registration_engine,
+                          reference=args.reference, device=args.device,
                           backend=args.backend, tta=args.tta,
                           allow_poor_registration=args.allow_poor_registration,
                           postprocess=not args.no_postprocessing,
