@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -314,21 +315,25 @@ def write_result(result: SegmentationResult, out_dir: str | Path, overview: bool
 
     report = _Reporter(progress)
     report("write", 0.0, f"writing results to {out_dir}")
+    images = {"segmentation.nii.gz": result.labels, "uncertainty.nii.gz": result.uncertainty,
+              **{f"attention_{phase}.nii.gz": heatmap for phase, heatmap in result.attention.items()},
+              **{f"{phase}_registered.nii.gz": result.phases_on_reference[phase] for phase in result.transforms}}
+    images = {name: image for name, image in images.items() if image is not None}
     with atomic_output_dir(out_dir) as folder:
-        write_image(result.labels, folder / "segmentation.nii.gz")
-        if result.uncertainty is not None:
-            write_image(result.uncertainty, folder / "uncertainty.nii.gz")
-        if result.dicom_source_files:
-            _write_dicom_seg(result, folder / "segmentation.dcm")
-        for phase, heatmap in result.attention.items():
-            write_image(heatmap, folder / f"attention_{phase}.nii.gz")
-        for phase, transform in result.transforms.items():
-            write_image(result.phases_on_reference[phase], folder / f"{phase}_registered.nii.gz")
-            write_transform(transform, folder / f"transform_{phase}.h5")
-        if overview:
-            report("write", 0.5, "drawing the overview picture")
-            write_overview(folder / "overview.png", result.phases_on_reference, result.labels,
-                           result.attention or None, result.stats, label_names=result.label_names)
+        # Compressing a full-size float volume takes seconds and SimpleITK releases the GIL while it
+        # writes: the images go out side by side, while this thread draws the overview.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(images), os.cpu_count() or 1))) as pool:
+            written = [pool.submit(write_image, image, folder / name) for name, image in images.items()]
+            if result.dicom_source_files:
+                _write_dicom_seg(result, folder / "segmentation.dcm")
+            for phase, transform in result.transforms.items():
+                write_transform(transform, folder / f"transform_{phase}.h5")
+            if overview:
+                report("write", 0.5, "drawing the overview picture")
+                write_overview(folder / "overview.png", result.phases_on_reference, result.labels,
+                               result.attention or None, result.stats, label_names=result.label_names)
+            for future in written:
+                future.result()  # the first failure, if any, fails the whole write
         report.done("write")
         result.stats["timings"].update(report.timings)
         write_json(result.stats, folder / "stats.json")

@@ -457,7 +457,7 @@ def _working_copy(image: sitk.Image, mask: sitk.Image | None) -> tuple[sitk.Imag
     image only makes every level's smoothing and resampling slower (4 times the stages' time on a
     512 x 512 x 150 case); the 40 mm B-spline grid and the sub-millimetre accuracy do not need it.
     """
-    factors = [max(1, int(SITK_WORKING_SPACING_MM // spacing)) for spacing in image.GetSpacing()]
+    factors = [max(1, round(SITK_WORKING_SPACING_MM / spacing)) for spacing in image.GetSpacing()]
     working = sitk.Cast(image, sitk.sitkFloat32)
     if max(factors) > 1:
         working = sitk.BinShrink(working, factors)
