@@ -7,13 +7,13 @@ two engines, then resamples the moving image onto the fixed grid:
   loaded with the rest of the engine; progress and cancel reach into every stage's iterations.
 - ``elastix``: itk-elastix's parameter maps (``parameter_maps``; also writable for the ``elastix``
   program), converted to a SimpleITK transform. itk loads about 250 wrapped modules on its first
-  call, 8-17 s once per process, which is most of a demo-size registration's time; the stages
-  themselves take about as long as SimpleITK's.
+  call, 8-23 s once per process on these machines, more than a demo-size registration's stages;
+  the stages themselves take about as long as SimpleITK's and are somewhat more accurate.
 
 Both reach sub-millimetre target registration error on the phantoms' breathing motion
-(``Testing/test_registration.py``). Transforms follow ITK's
-resampling direction: a physical point of the fixed image (LPS) maps to the corresponding point of
-the moving image. Slicer stores such a transform as its "from parent" transform.
+(``Testing/test_registration.py``, ``benchmarks/bench_registration_engines.py``). Transforms follow
+ITK's resampling direction: a physical point of the fixed image (LPS) maps to the corresponding
+point of the moving image. Slicer stores such a transform as its "from parent" transform.
 
 Presets:
 
@@ -25,8 +25,8 @@ Presets:
 Every stage uses Mattes mutual information with 32 bins (tolerates the different enhancement of
 arterial and venous phases), a 3-level smoothing and downsampling pyramid and random sampling. With
 SimpleITK the B-spline stage runs on the two coarser levels only, refining its grid from 80 to
-40 mm: at full resolution it took longer and gained nothing on the phantoms (target registration
-error 0.28-0.45 mm either way). The settings are sized for demo CT (about 160x160x80 voxels at
+40 mm: with a third, full-resolution level it took longer and was less accurate on two phantoms
+(target registration error 0.66-0.69 mm against 0.40-0.45 mm). The settings are sized for demo CT (about 160x160x80 voxels at
 2x2x3 mm) on two CPU cores.
 
 The quality report compares the two images on the fixed grid before (identity) and after
