@@ -35,14 +35,13 @@ def target_error_mm(transform, true, label, max_points: int = 4000) -> float:
 
 
 def liver_dice(case, transform) -> float:
-    import numpy as np
     import SimpleITK as sitk
 
+    from maml.evaluation.metrics import dice_score
     from maml.registration import warp_label
 
     warped = sitk.GetArrayFromImage(warp_label(case.labels["arterial"], case.images["venous"], transform)) > 0
-    truth = sitk.GetArrayFromImage(case.labels["venous"]) > 0
-    return float(2 * (warped & truth).sum() / (warped.sum() + truth.sum()))
+    return dice_score(warped, sitk.GetArrayFromImage(case.labels["venous"]) > 0)
 
 
 def main() -> None:

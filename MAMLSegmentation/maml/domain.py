@@ -418,13 +418,15 @@ def fingerprint_summary(fingerprint: dict[str, Any] | None) -> dict[str, Any] | 
     summary["training_cases"] = len(fingerprint.get("training_cases", []))
     summary["calibration_cases"] = len(fingerprint.get("calibration_cases", []))
     summary["feature_distance_limits"] = {
-        phase: {"max": round(stats["calibration_max_limit"], 3),
-                "mean": round(stats["calibration_mean_limit"], 3),
-                "mean_warning_above": round(feature_mean_limits(stats)[0], 3),
-                "mean_refused_above": round(feature_mean_limits(stats)[1], 3),
-                "windows": stats["windows"], "channels": int(len(stats["mean"]))}
-        for phase, stats in fingerprint.get("features", {}).items()}
+        phase: _limits_summary(stats) for phase, stats in fingerprint.get("features", {}).items()}
     return summary
+
+
+def _limits_summary(stats: Mapping[str, Any]) -> dict[str, Any]:
+    warn, refuse = feature_mean_limits(stats)
+    return {"max": round(stats["calibration_max_limit"], 3), "mean": round(stats["calibration_mean_limit"], 3),
+            "mean_warning_above": round(warn, 3), "mean_refused_above": round(refuse, 3),
+            "windows": stats["windows"], "channels": int(len(stats["mean"]))}
 
 
 # --------------------------------------------------------------------------------------------------

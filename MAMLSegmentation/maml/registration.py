@@ -379,6 +379,13 @@ def register(
     return RegistrationResult(registered=registered, transform=transform, matrix=matrix, quality=quality)
 
 
+def _stage_bounds(stages) -> np.ndarray:
+    """Where each stage starts and ends in the progress fraction (0.05-0.9); B-spline stages take
+    most of the time, so they get four times the share."""
+    weights = np.array([4.0 if s == "bspline" else 1.0 for s in stages])
+    return 0.05 + 0.85 * np.concatenate([[0.0], np.cumsum(weights) / weights.sum()])
+
+
 def _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel, stage_seconds):
     """Run the stages one by one, each starting from the previous result.
 
@@ -389,9 +396,7 @@ def _run_elastix(fixed, moving, maps, stages, fmask, mmask, report, check_cancel
     moving_itk = sitk_to_itk(moving)
     fmask_itk = sitk_to_itk(fmask, np.uint8) if fmask is not None else None
     mmask_itk = sitk_to_itk(mmask, np.uint8) if mmask is not None else None
-    # Stage weights for the progress fraction (B-spline stages take most of the time).
-    weights = np.array([4.0 if s == "bspline" else 1.0 for s in stages])
-    bounds = 0.05 + 0.85 * np.concatenate([[0.0], np.cumsum(weights) / weights.sum()])
+    bounds = _stage_bounds(stages)
 
     previous = None  # itk.ParameterObject of the stages so far
     first_stage = None
@@ -485,12 +490,6 @@ def _sitk_method(fixed: sitk.Image, levels: int, fmask, mmask) -> sitk.ImageRegi
     return method
 
 
-def _linear_optimizer(method: sitk.ImageRegistrationMethod) -> None:
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=200,
-                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    method.SetOptimizerScalesFromPhysicalShift()
-
-
 def _run_simpleitk(fixed, moving, stages, fmask, mmask, report, cancel, stage_seconds):
     """The preset's stages with SimpleITK, each starting from the previous one's result.
 
@@ -498,8 +497,7 @@ def _run_simpleitk(fixed, moving, stages, fmask, mmask, report, cancel, stage_se
     """
     fixed_f, fmask = _working_copy(fixed, fmask)
     moving_f, mmask = _working_copy(moving, mmask)
-    weights = np.array([4.0 if s == "bspline" else 1.0 for s in stages])
-    bounds = 0.05 + 0.85 * np.concatenate([[0.0], np.cumsum(weights) / weights.sum()])
+    bounds = _stage_bounds(stages)
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
     final: sitk.Transform = rigid
@@ -508,30 +506,27 @@ def _run_simpleitk(fixed, moving, stages, fmask, mmask, report, cancel, stage_se
             raise CancelledError("registration cancelled")
         report(bounds[index], f"registration stage {index + 1}/{len(stages)}: {stage}")
         t0 = time.perf_counter()
-        if stage == "rigid":
-            method = _sitk_method(fixed_f, len(SITK_SHRINK), fmask, mmask)
-            _linear_optimizer(method)
-            method.SetInitialTransform(rigid, inPlace=True)
-        elif stage == "affine":
-            final = sitk.AffineTransform(3)
-            final.SetCenter(rigid.GetCenter())
-            final.SetMatrix(rigid.GetMatrix())
-            final.SetTranslation(rigid.GetTranslation())
-            method = _sitk_method(fixed_f, len(SITK_SHRINK), fmask, mmask)
-            _linear_optimizer(method)
-            method.SetInitialTransform(final, inPlace=True)
-        else:  # bspline, composed after the rigid stage
-            levels = SITK_BSPLINE_LEVELS
+        levels = SITK_BSPLINE_LEVELS if stage == "bspline" else len(SITK_SHRINK)
+        method = _sitk_method(fixed_f, levels, fmask, mmask)
+        if stage == "bspline":  # composed after the rigid stage
             coarse_mm = BSPLINE_GRID_MM * 2 ** (levels - 1)
             mesh = [max(1, int(round(n * d / coarse_mm))) for n, d in zip(fixed_f.GetSize(), fixed_f.GetSpacing())]
             bspline = sitk.BSplineTransformInitializer(fixed_f, mesh, order=3)
-            method = _sitk_method(fixed_f, levels, fmask, mmask)
             method.SetOptimizerAsGradientDescentLineSearch(5.0, 100, convergenceMinimumValue=1e-4,
                                                            convergenceWindowSize=5)
             method.SetInitialTransformAsBSpline(bspline, inPlace=True, scaleFactors=[2 ** i for i in range(levels)])
             method.SetMovingInitialTransform(rigid)
             final = sitk.CompositeTransform([rigid, bspline])
-        levels = SITK_BSPLINE_LEVELS if stage == "bspline" else len(SITK_SHRINK)
+        else:
+            if stage == "affine":  # starts where the rigid stage ended
+                final = sitk.AffineTransform(3)
+                final.SetCenter(rigid.GetCenter())
+                final.SetMatrix(rigid.GetMatrix())
+                final.SetTranslation(rigid.GetTranslation())
+            method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=200,
+                                                            relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+            method.SetOptimizerScalesFromPhysicalShift()
+            method.SetInitialTransform(final, inPlace=True)  # the rigid one in the rigid stage
         _execute(method, fixed_f, moving_f, stage, cancel,
                  lambda level, i=index: report(bounds[i] + (bounds[i + 1] - bounds[i]) * level / levels,
                                                f"registration stage {i + 1}/{len(stages)}: {stages[i]}, "
