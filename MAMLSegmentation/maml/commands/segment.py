@@ -27,7 +27,7 @@ def add_run_options(parser) -> None:
                         help="how to align the phases onto the reference phase (default: deformable)")
     parser.add_argument("--registration-engine", default="simpleitk", choices=("simpleitk", "elastix"),
                         help="what registers the phases: SimpleITK (default) or itk-elastix (the same "
-                             "stages; its first use in a process loads for 8-17 s)")
+                             "stages; its first use in a process loads for 8-23 s)")
     parser.add_argument("--reference", help="phase whose geometry the results take (default: venous)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_backend_option(parser)
