@@ -253,7 +253,7 @@ def maml_command(*args: str) -> list[str]:
 
 def write_phantoms(out: Path, n_cases: int, seed: int, size: str) -> Path:
     """The only place that calls the phantom generator."""
-    from maml.phantom import write_dataset
+    from maml.synthetic import write_dataset
 
     return write_dataset(out, n_cases, seed, size=size, contact_sheet=False, progress=False)
 
