@@ -130,8 +130,10 @@ def test_cache_entry_follows_the_checkpoint(tmp_path, monkeypatch):
     assert len(_entries(tmp_path / "cache")) == 2
 
 
-@pytest.mark.parametrize("damage", ["weights", "record", "missing"])
+@pytest.mark.parametrize("damage", ["weights", "record", "missing", "compiled"])
 def test_a_damaged_cache_entry_is_rebuilt(damage, tmp_path):
+    import hashlib
+
     net = MAMLNet(tiny_config()).eval()
     data = np.random.default_rng(3).normal(size=(2, 8, 16, 16)).astype(np.float32)
     options = SlidingWindowOptions(PATCH)
@@ -139,20 +141,27 @@ def test_a_damaged_cache_entry_is_rebuilt(damage, tmp_path):
     OpenVINONetwork(net, cache=tmp_path).prepare(net.phases, (2, *PATCH))
     [entry] = [p.parent for p in tmp_path.glob("*/entry.json")]
     weights = entry / MODEL_FILES[1]
+    [blob] = entry.glob("compiled-*.blob")  # the network compiled for this CPU, for the next process
     if damage == "weights":  # same size, other values: only the checksum can tell
         raw = bytearray(weights.read_bytes())
         raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(64)
         weights.write_bytes(bytes(raw))
     elif damage == "record":
         (entry / "entry.json").write_text('{"format": 1, "sha256"')
-    else:
+    elif damage == "missing":
         weights.unlink()
+    else:  # a sound compiled network, of other weights: it would import and run, but is not ours
+        torch.manual_seed(11)
+        other = MAMLNet(tiny_config()).eval()
+        OpenVINONetwork(other, cache=tmp_path / "other").prepare(other.phases, (2, *PATCH))
+        [other_blob] = (tmp_path / "other").glob("*/compiled-*.blob")
+        blob.write_bytes(other_blob.read_bytes())
     actual = sliding_window_predict(OpenVINONetwork(net, cache=tmp_path), data, net.phases, options)
     assert_same_outputs(expected, actual, f"after damaged {damage}")
     record = json.loads((entry / "entry.json").read_text())
-    import hashlib
-
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == record["sha256"][MODEL_FILES[1]]
+    compiled_record = json.loads(blob.with_suffix(".json").read_text())
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == compiled_record["sha256"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 
