@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import BACKENDS
 from .errors import InputError, ModelError
 from .io import write_bytes_atomic
 from .network import WindowOutput
@@ -38,7 +39,6 @@ from .network import WindowOutput
 if TYPE_CHECKING:
     from .model import LoadedModel
 
-BACKENDS = ("auto", "torch", "openvino")
 # Bump when the exported graph changes for the same weights (wrapper, outputs): old entries are
 # then ignored.
 EXPORT_FORMAT = 2

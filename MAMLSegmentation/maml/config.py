@@ -27,6 +27,13 @@ BLEND_MODES = ("probabilities", "logits")
 # exactly the model's spacing from the input's first voxel; "nnunet" normalises first, then resamples
 # with cubic B-splines onto a grid of the input's extent (nnU-Net v2's preprocessing).
 RESAMPLING_MODES = ("maml", "nnunet")
+# Run options named here, where the command line reads them without loading the modules that do
+# the work (maml.registration, maml.backends).
+REGISTRATION_PRESETS = ("none", "rigid", "affine", "deformable")  # deformable = rigid then B-spline
+DEFAULT_REGISTRATION = "deformable"
+REGISTRATION_ENGINES = ("simpleitk", "elastix")
+DEFAULT_REGISTRATION_ENGINE = "simpleitk"
+BACKENDS = ("auto", "torch", "openvino")
 
 
 @dataclass(frozen=True)

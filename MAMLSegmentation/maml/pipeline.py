@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import SimpleITK as sitk
 
+from .config import DEFAULT_REGISTRATION, DEFAULT_REGISTRATION_ENGINE
 from .errors import InputError, ModelError, RegistrationError
 from .model import LoadedModel, load_model
 
@@ -42,11 +43,11 @@ def default_model_path() -> Path:
 
 @dataclass
 class SegmentOptions:
-    registration: str = "deformable"  # none | rigid | affine | deformable
-    registration_engine: str = "simpleitk"  # simpleitk | elastix (maml.registration)
+    registration: str = DEFAULT_REGISTRATION  # one of maml.config.REGISTRATION_PRESETS
+    registration_engine: str = DEFAULT_REGISTRATION_ENGINE  # one of REGISTRATION_ENGINES
     reference: str | None = None  # default: "venous" when given, else the first given phase
     device: str = "auto"
-    backend: str = "auto"  # auto | torch | openvino (maml.backends)
+    backend: str = "auto"  # one of maml.config.BACKENDS
     tta: bool = False  # mirroring test-time augmentation (8 flips: slower, slightly better)
     batch_size: int = 2
     # Phases that stay dissimilar after registration are most likely of different patients (or

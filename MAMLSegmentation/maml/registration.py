@@ -53,6 +53,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from .config import DEFAULT_REGISTRATION_ENGINE, REGISTRATION_ENGINES, REGISTRATION_PRESETS
 from .errors import CancelledError, InputError, RegistrationError
 
 __all__ = [
@@ -67,9 +68,7 @@ __all__ = [
     "normalized_mutual_information",
 ]
 
-PRESETS = ("none", "rigid", "affine", "deformable")  # deformable = rigid then B-spline
-ENGINES = ("simpleitk", "elastix")
-DEFAULT_ENGINE = "simpleitk"
+PRESETS, ENGINES, DEFAULT_ENGINE = REGISTRATION_PRESETS, REGISTRATION_ENGINES, DEFAULT_REGISTRATION_ENGINE
 
 # Warning thresholds of the quality report.
 MAX_DISPLACEMENT_MM = 50.0  # a body point moved further than this: diverged

@@ -4,9 +4,11 @@ HELP = "segment the bundled two-phase phantom case with the bundled demo model a
 
 
 def configure(parser) -> None:
+    from ..config import DEFAULT_REGISTRATION, REGISTRATION_PRESETS
+
     parser.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     parser.add_argument("--model", help="checkpoint file (default: the bundled demo model)")
-    parser.add_argument("--register", default="deformable", choices=("none", "rigid", "affine", "deformable"))
+    parser.add_argument("--register", default=DEFAULT_REGISTRATION, choices=REGISTRATION_PRESETS)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 

@@ -11,13 +11,15 @@ HELP = (
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from ..config import DEFAULT_REGISTRATION, DEFAULT_REGISTRATION_ENGINE, REGISTRATION_ENGINES, REGISTRATION_PRESETS
+
     parser.add_argument("--fixed", required=True, help="reference phase image (NIfTI, NRRD, MHA or DICOM folder)")
     parser.add_argument("--moving", required=True, help="phase image to register onto the fixed one")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--preset", default="deformable", choices=("none", "rigid", "affine", "deformable"),
+    parser.add_argument("--preset", default=DEFAULT_REGISTRATION, choices=REGISTRATION_PRESETS,
                         help="none, rigid, affine (rigid then affine) or deformable (rigid then "
                              "B-spline, default)")
-    parser.add_argument("--engine", default="simpleitk", choices=("simpleitk", "elastix"),
+    parser.add_argument("--engine", default=DEFAULT_REGISTRATION_ENGINE, choices=REGISTRATION_ENGINES,
                         help="SimpleITK (default) or itk-elastix; the same stages and metric")
     parser.add_argument("--fixed-mask", help="optional mask (voxels > 0) of the fixed image, e.g. body or liver")
     parser.add_argument("--moving-mask", help="optional mask (voxels > 0) of the moving image")

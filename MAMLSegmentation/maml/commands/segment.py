@@ -14,7 +14,9 @@ def phase_argument(text: str) -> tuple[str, str]:
 
 
 def add_backend_option(parser) -> None:
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"),
+    from ..config import BACKENDS
+
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="what runs the network: auto (default: torch on a GPU, OpenVINO on the "
                              "CPU when installed, else torch), torch, or openvino (CPU; about twice "
                              "as fast; installed by the [cpu-fast] extra)")
@@ -22,10 +24,12 @@ def add_backend_option(parser) -> None:
 
 def add_run_options(parser) -> None:
     """Options shared by segment and segment-batch."""
+    from ..config import DEFAULT_REGISTRATION, DEFAULT_REGISTRATION_ENGINE, REGISTRATION_ENGINES, REGISTRATION_PRESETS
+
     parser.add_argument("--model", help="checkpoint file (default: the bundled demo model)")
-    parser.add_argument("--register", default="deformable", choices=("none", "rigid", "affine", "deformable"),
+    parser.add_argument("--register", default=DEFAULT_REGISTRATION, choices=REGISTRATION_PRESETS,
                         help="how to align the phases onto the reference phase (default: deformable)")
-    parser.add_argument("--registration-engine", default="simpleitk", choices=("simpleitk", "elastix"),
+    parser.add_argument("--registration-engine", default=DEFAULT_REGISTRATION_ENGINE, choices=REGISTRATION_ENGINES,
                         help="what registers the phases: SimpleITK (default) or itk-elastix (the same "
                              "stages; its first use in a process loads for 8-23 s)")
     parser.add_argument("--reference", help="phase whose geometry the results take (default: venous)")
