@@ -35,14 +35,14 @@ def test_body_windows_skip_air_and_fall_back_to_the_best_window():
     assert domain.body_windows(np.full(3, np.nan), 3).tolist() == [0, 1, 2]
 
 
-def _case(name, spacing, shape, hu_shift, liver_ml, burden, features):
+def _case(name, spacing, shape, hu_shift, liver_ml, burden, features, tumors=2):
     return {"case": name,
             "geometry": [{"spacing_mm": spacing, "extent_mm": [s * n for s, n in zip(spacing, shape)]}] * 2,
             "intensity": {p: {"body": {"p05": -100.0 + hu_shift, "p50": 40.0 + hu_shift, "p95": 150.0 + hu_shift},
                               "foreground": {"p05": 80.0, "p50": 110.0, "p95": 140.0},
                               "liver": {"p05": 90.0, "p50": 110.0 + hu_shift, "p95": 130.0}}
                           for p in ("arterial", "venous")},
-            "liver_volume_ml": liver_ml, "tumor_burden": burden,
+            "liver_volume_ml": liver_ml, "tumor_burden": burden, "tumor_count": tumors,
             "features": features, "body_fraction": np.ones(len(features)), "phases": ["arterial", "venous"]}
 
 
@@ -51,7 +51,8 @@ def fingerprint():
     rng = np.random.default_rng(2)
     train = [_case(f"t{i}", [3.0, 2.0, 2.0], [80, 160, 160], 5 * i, 1200 + 50 * i, 0.05,
                    rng.normal(size=(30, 2, 6))) for i in range(6)]
-    calibration = [_case("c0", [3.0, 2.2, 2.2], [80, 150, 150], 10, 1300, 0.04, rng.normal(size=(30, 2, 6)))]
+    calibration = [_case("c0", [3.0, 2.2, 2.2], [80, 150, 150], 10, 1300, 0.04, rng.normal(size=(30, 2, 6)),
+                         tumors=6)]
     return build_fingerprint(train, calibration, ["arterial", "venous"], "synthetic", "phantoms")
 
 
@@ -169,6 +170,40 @@ def test_output_checks_refuse_a_missing_liver_and_warn_on_pieces(fingerprint):
         pieces[z] = 0  # cut the liver into slabs
     assert {c.name: c.status for c in domain.check_output(pieces, spacing, phases, fingerprint, 1, 2)}[
         "liver_pieces"] != domain.OK
+
+
+def test_tumor_count_far_beyond_the_training_cases_is_refused(fingerprint):
+    assert fingerprint["output"]["tumor_count_max"] == 6  # the most of any case, held-out ones included
+
+    def status(count):
+        (check,) = domain.check_tumor_count(count, fingerprint)
+        return check.status
+
+    assert status(0) == status(9) == domain.OK  # up to 1.5 x 6
+    assert status(10) == status(18) == domain.WARNING
+    assert status(19) == domain.REFUSED  # beyond 3 x 6: what real CT gave the demo model (32)
+    assert domain.fingerprint_summary(fingerprint)["tumor_count_limits"] == {"warning_above": 9,
+                                                                           "refused_above": 18}
+    few = {**fingerprint, "output": {**fingerprint["output"], "tumor_count_max": 0}}
+    assert domain.tumor_count_limits(few["output"]) == (4, 9)  # a floor: 1.5 x 3 and 3 x 3
+    # a fingerprint made before the count was recorded: no check, no limits
+    older = {**fingerprint, "output": {k: v for k, v in fingerprint["output"].items() if k != "tumor_count_max"}}
+    assert domain.check_tumor_count(50, older) == []
+    assert "tumor_count_limits" not in domain.fingerprint_summary(older)
+
+
+def test_tumors_are_counted_as_the_statistics_list_them():
+    from maml.stats import compute_statistics, count_tumors
+
+    labels = np.zeros((20, 40, 40), np.uint8)
+    labels[2:18, 2:38, 2:38] = 1
+    labels[4:8, 4:8, 4:8] = 2
+    labels[8, 8, 8] = 2  # touches the first one at a corner: one tumor (26-connected)
+    labels[12:16, 20:24, 20:24] = 2
+    labels[16, 30, 30] = 2  # one voxel of 8 mm^3 = 0.008 mL: below the 0.01 mL listed
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((2.0, 2.0, 2.0))
+    assert count_tumors(image, 2) == compute_statistics(image)["tumor_count"] == 2
 
 
 def test_memory_check_refuses_what_cannot_fit():

@@ -53,6 +53,14 @@ def test_each_out_of_distribution_variant_is_refused(reports, variant):
     assert report["status"] == "warning" and report["accepted_out_of_distribution"]
 
 
+def test_dozens_of_tumors_on_noise_are_refused_by_their_count(reports):
+    # What the demo model made of real CT before the domain check existed: dozens of "tumors".
+    counts = {name: next(c for c in report["checks"] if c["name"] == "tumor_count") for name, report in reports.items()}
+    assert counts["original"]["status"] == "ok" and counts["original"]["value"] == 1
+    assert counts["noise"]["status"] == "refused", counts["noise"]
+    assert counts["noise"]["value"] > counts["noise"]["threshold"]["refused_above"]
+
+
 def test_the_feature_distance_alone_refuses_most_variants(reports):
     alone = [name for name, report in reports.items()
              if any("feature_distance" in check for check in refused_by(report))]

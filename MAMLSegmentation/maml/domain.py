@@ -10,7 +10,7 @@ thresholds taken from held-out cases. Each ``maml segment`` is checked against i
 2. after inference: the Mahalanobis distance of the pooled features of every window that covers
    the body (their mean decides, their maximum warns), the distance-based detection of silent failures shown for nnU-Net by Gonzalez et al.
    (Medical Image Analysis 2022);
-3. on the output: liver volume, liver pieces, tumor burden, liver intensity.
+3. on the output: liver volume, liver pieces, tumor burden, number of tumors, liver intensity.
 
 Each check is ``ok``, ``warning`` or ``refused``; the report takes the worst. A refused run writes
 nothing and the command exits with code 3, unless the user accepts out-of-distribution input.
@@ -44,6 +44,11 @@ LIVER_VOLUME_WARN, LIVER_VOLUME_REFUSE = (0.6, 1.5), (0.2, 3.0)
 INTENSITY_WARN_HU, INTENSITY_REFUSE_HU = 60.0, 250.0
 BURDEN_WARN, BURDEN_REFUSE = 1.5, 3.0  # factors of the training cases' largest tumor burden
 LIVER_PIECES_WARN, LIVER_PIECES_REFUSE = 3, 8
+# Tumors found, as factors of the most any training case had (at least TUMOR_COUNT_FLOOR): dozens of
+# "tumors" from a model that never saw more than a handful are what a network does on an image
+# unlike its training data (noise, another scanner), so they are refused; a few more only warn.
+TUMOR_COUNT_WARN, TUMOR_COUNT_REFUSE = 1.5, 3.0
+TUMOR_COUNT_FLOOR = 3
 # Orientation: mm beyond the training range of "how far above the liver the air inside the body is".
 AIR_OFFSET_WARN_MM, AIR_OFFSET_REFUSE_MM = 40.0, 100.0
 MIN_INTERNAL_AIR_ML = 20.0
@@ -410,6 +415,27 @@ def check_output(labels: np.ndarray, spacing_zyx: Sequence[float], phases_on_ref
     return checks
 
 
+def tumor_count_limits(output: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(warn above, refused above) for the number of tumors, or None for a fingerprint made before
+    the count was recorded."""
+    if output.get("tumor_count_max") is None:
+        return None
+    most = max(int(output["tumor_count_max"]), TUMOR_COUNT_FLOOR)
+    return math.floor(TUMOR_COUNT_WARN * most), math.floor(TUMOR_COUNT_REFUSE * most)
+
+
+def check_tumor_count(count: int, fingerprint: Mapping) -> list[Check]:
+    """The number of tumors listed (as the statistics count them) against the training cases'."""
+    output = fingerprint["output"]
+    limits = tumor_count_limits(output)
+    if limits is None:
+        return []
+    warn, refuse = limits
+    status = REFUSED if count > refuse else WARNING if count > warn else OK
+    return [Check("tumor_count", status, int(count), {"warning_above": warn, "refused_above": refuse},
+                  f"{count} tumors found (training cases had up to {int(output['tumor_count_max'])})")]
+
+
 def fingerprint_summary(fingerprint: dict[str, Any] | None) -> dict[str, Any] | None:
     """The plain-data part of a fingerprint (no matrices): for ``maml info`` and the model card."""
     if not fingerprint:
@@ -419,6 +445,9 @@ def fingerprint_summary(fingerprint: dict[str, Any] | None) -> dict[str, Any] | 
     summary["calibration_cases"] = len(fingerprint.get("calibration_cases", []))
     summary["feature_distance_limits"] = {
         phase: _limits_summary(stats) for phase, stats in fingerprint.get("features", {}).items()}
+    counts = tumor_count_limits(fingerprint.get("output", {}))
+    if counts is not None:
+        summary["tumor_count_limits"] = {"warning_above": counts[0], "refused_above": counts[1]}
     return summary
 
 

@@ -239,6 +239,7 @@ def check_input(loaded: LoadedModel, phases: Mapping[str, sitk.Image], reference
     """The checks made before any heavy work (maml.domain): geometry and intensity against the
     training fingerprint, refused at once when far outside it, then the memory the run needs."""
     from . import domain
+    from .stats import count_tumors
 
     config, fingerprint = loaded.config, loaded.metadata.get("fingerprint")
     if fingerprint:
@@ -262,6 +263,7 @@ def check_result(loaded: LoadedModel, prediction, on_reference: Mapping[str, sit
     """The input checks, plus the feature distance of every window that covers the body and the
     plausibility of the output; raises OutOfDistributionError when refused (nothing is written)."""
     from . import domain
+    from .stats import count_tumors
 
     config, fingerprint = loaded.config, loaded.metadata.get("fingerprint")
     checks = list(checks)
@@ -274,6 +276,8 @@ def check_result(loaded: LoadedModel, prediction, on_reference: Mapping[str, sit
         spacing = prediction.labels.GetSpacing()[::-1]
         checks += domain.check_output(labels, spacing, on_reference, fingerprint,
                                       values.get("liver", 1), values.get("tumor", 2))
+        checks += domain.check_tumor_count(count_tumors(prediction.labels, values.get("tumor", 2)),
+                                           fingerprint)
     report = domain.summarize(checks, config.name, model_data_kind(loaded),
                               options.accept_out_of_distribution)
     domain.raise_if_refused(report)

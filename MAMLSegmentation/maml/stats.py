@@ -41,7 +41,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_MIN_TUMOR_ML", "compute_statistics", "label_name_map", "max_distance",
+__all__ = ["DEFAULT_MIN_TUMOR_ML", "compute_statistics", "count_tumors", "label_name_map", "max_distance",
            "tumor_enhancement", "add_enhancement"]
 
 DEFAULT_MIN_TUMOR_ML = 0.01
@@ -232,6 +232,11 @@ def compute_statistics(
         "liver_label": int(liver_label),
         "tumor_label": int(tumor_label),
     }
+
+
+def count_tumors(labels: sitk.Image, tumor_label: int = 2, min_tumor_ml: float = DEFAULT_MIN_TUMOR_ML) -> int:
+    """How many tumors :func:`compute_statistics` lists for ``labels``."""
+    return _tumor_components(labels, tumor_label, min_tumor_ml)[1]
 
 
 def _tumor_components(labels: sitk.Image, tumor_label: int, min_tumor_ml: float):

@@ -70,6 +70,8 @@ def _describe_fingerprint(summary: dict | None) -> str:
         return "none: the out-of-distribution check cannot run (add one with maml fingerprint)"
     limits = ", ".join(f"{phase} {limit['mean_refused_above']:.1f}" for phase, limit in
                        summary["feature_distance_limits"].items())
+    counts = summary.get("tumor_count_limits")
+    count = f" or more than {counts['refused_above']} tumors" if counts else ""
     return (f"{summary['training_cases']} training cases of {summary['dataset']}, "
             f"{summary['calibration_cases']} held-out cases; refused above a mean feature "
-            f"distance of {limits}")
+            f"distance of {limits}{count}")

@@ -53,13 +53,14 @@ def _raw_geometries(dataset, case: str) -> list[dict]:
 def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
                  device: str = "cpu") -> dict[str, Any]:
     """Everything the fingerprint pools from one case: raw geometry per phase, intensities in the
-    body, the foreground and the liver, liver volume and tumor burden from the label map, and the
+    body, the foreground and the liver, liver volume, tumor count and burden from the label map, and the
     pooled bottleneck features of every window."""
     import SimpleITK as sitk
 
     from .dataset import load_case_images
     from ..inference import SlidingWindowOptions, padding_of, window_alignment, window_bottleneck_features
     from ..preprocessing import preprocess_phases
+    from ..stats import count_tumors
 
     config = model.config
     images, label = load_case_images(dataset, config, case, register)
@@ -91,6 +92,7 @@ def measure_case(model: LoadedModel, dataset, case: str, register: str | None,
         "intensity": intensity,
         "liver_volume_ml": organ_ml,
         "internal_air_offset_mm": air_offset,
+        "tumor_count": count_tumors(label, tumor),
         "tumor_burden": float((labels == tumor).sum() / max((np.isin(labels, [liver, tumor])).sum(), 1)),
         "features": features,
         "body_fraction": body_fraction,
@@ -143,6 +145,7 @@ def build_fingerprint(train: Sequence[dict], calibration: Sequence[dict], phases
     offsets = [c["internal_air_offset_mm"] for c in cases if c.get("internal_air_offset_mm") is not None]
     output = {"liver_volume_ml": _range([c["liver_volume_ml"] for c in cases]),
               "tumor_burden_max": float(max(c["tumor_burden"] for c in cases)),
+              "tumor_count_max": int(max(c["tumor_count"] for c in cases)),
               # only when most cases show air inside the body: else the FOVs vary too much to judge
               "internal_air_offset_mm": _range(offsets) if len(offsets) >= 0.8 * len(cases) else None}
     return {
