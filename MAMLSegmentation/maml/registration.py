@@ -366,7 +366,9 @@ def register(
     registered = sitk.Resample(moving, fixed, resampling, sitk.sitkLinear, default, moving.GetPixelID())
 
     report(0.95, "measuring the registration quality")
-    quality = _quality(fixed, moving, registered, transform, matrix, fmask, preset, default,
+    # Judged through the transform the image was resampled with: the sampled field is what the
+    # phases were aligned by, and interpolating it is cheaper than evaluating the B-spline again.
+    quality = _quality(fixed, moving, registered, resampling, matrix, fmask, preset, default,
                        linear_stage if preset in ("affine", "deformable") else None)
     quality["overlap_fraction_of_extents"] = round(overlap, 4)
     quality["engine"] = engine
