@@ -214,3 +214,14 @@ def test_bad_label_maps():
     float_labels = sitk.GetImageFromArray(np.full((3, 4, 5), 0.5, np.float32))
     with pytest.raises(InputError, match="whole numbers"):
         compute_statistics(float_labels)
+
+
+def test_label_counts_match_numpy_unique_for_any_integer_labels():
+    from maml.stats import _label_counts
+
+    rng = np.random.default_rng(4)
+    for array in (rng.integers(0, 3, (20, 30, 30)).astype(np.uint8),  # the histogram
+                  rng.integers(-2, 3, (5, 6, 7)).astype(np.int16),  # negative values: np.unique
+                  np.array([[[0, 70000]]], dtype=np.int32)):  # large values: np.unique
+        values, counts = np.unique(array, return_counts=True)
+        assert _label_counts(array) == dict(zip(values.tolist(), counts.tolist()))

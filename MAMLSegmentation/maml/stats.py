@@ -191,8 +191,7 @@ def compute_statistics(
     voxel_ml = _voxel_volume_ml(labels)
     names = label_name_map(label_names)
 
-    values, counts = np.unique(array, return_counts=True)
-    count_of = {int(v): int(c) for v, c in zip(values, counts)}
+    count_of = _label_counts(array)
     tumor_voxels = count_of.get(int(tumor_label), 0)
     parenchyma_voxels = count_of.get(int(liver_label), 0)
 
@@ -232,6 +231,16 @@ def compute_statistics(
         "liver_label": int(liver_label),
         "tumor_label": int(tumor_label),
     }
+
+
+def _label_counts(array: np.ndarray) -> dict[int, int]:
+    """Voxels per label value. A histogram where the values are small non-negative integers: sorting
+    the 39 million voxels of a full-size CT (``np.unique``) takes a second."""
+    flat = array.ravel()
+    if flat.size and 0 <= flat.min() and flat.max() < 2**16:
+        return {value: int(count) for value, count in enumerate(np.bincount(flat)) if count}
+    values, counts = np.unique(flat, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
 
 
 def count_tumors(labels: sitk.Image, tumor_label: int = 2, min_tumor_ml: float = DEFAULT_MIN_TUMOR_ML) -> int:
