@@ -186,7 +186,6 @@ def segment(
         postprocess=options.postprocess, backend=backend)
     attention = mask_attention_outside_body(prediction.attention, on_reference[reference], config)
     report.done("inference")
-    domain = check_result(loaded, prediction, on_reference, checks, options)
 
     report("statistics", 0.0, "tumor statistics")
     label_names = {label.value: label.name for label in config.labels}
@@ -197,6 +196,7 @@ def segment(
     add_enhancement(stats, prediction.labels, on_reference)
     stats["attention_window"] = attention_windows(attention, prediction.labels)
     report.done("statistics")
+    domain = check_result(loaded, prediction, on_reference, checks, options, stats["tumor_count"])
     stats.update({
         "reference_phase": reference,
         "phases": list(phases),
@@ -239,7 +239,6 @@ def check_input(loaded: LoadedModel, phases: Mapping[str, sitk.Image], reference
     """The checks made before any heavy work (maml.domain): geometry and intensity against the
     training fingerprint, refused at once when far outside it, then the memory the run needs."""
     from . import domain
-    from .stats import count_tumors
 
     config, fingerprint = loaded.config, loaded.metadata.get("fingerprint")
     if fingerprint:
@@ -259,11 +258,11 @@ def check_input(loaded: LoadedModel, phases: Mapping[str, sitk.Image], reference
 
 
 def check_result(loaded: LoadedModel, prediction, on_reference: Mapping[str, sitk.Image],
-                 checks: list, options: SegmentOptions):
+                 checks: list, options: SegmentOptions, tumor_count: int):
     """The input checks, plus the feature distance of every window that covers the body and the
-    plausibility of the output; raises OutOfDistributionError when refused (nothing is written)."""
+    plausibility of the output (``tumor_count``: the tumors the statistics list); raises
+    OutOfDistributionError when refused (nothing is written)."""
     from . import domain
-    from .stats import count_tumors
 
     config, fingerprint = loaded.config, loaded.metadata.get("fingerprint")
     checks = list(checks)
@@ -276,8 +275,7 @@ def check_result(loaded: LoadedModel, prediction, on_reference: Mapping[str, sit
         spacing = prediction.labels.GetSpacing()[::-1]
         checks += domain.check_output(labels, spacing, on_reference, fingerprint,
                                       values.get("liver", 1), values.get("tumor", 2))
-        checks += domain.check_tumor_count(count_tumors(prediction.labels, values.get("tumor", 2)),
-                                           fingerprint)
+        checks += domain.check_tumor_count(tumor_count, fingerprint)
     report = domain.summarize(checks, config.name, model_data_kind(loaded),
                               options.accept_out_of_distribution)
     domain.raise_if_refused(report)
