@@ -58,10 +58,12 @@ def registration_split(stats: dict) -> str:
 
 
 def main() -> None:
+    from maml.config import DEFAULT_REGISTRATION_ENGINE, REGISTRATION_ENGINES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint (default: the bundled demo model)")
     parser.add_argument("--register", default="deformable")
-    parser.add_argument("--registration-engine", default="simpleitk", choices=("simpleitk", "elastix"))
+    parser.add_argument("--registration-engine", default=DEFAULT_REGISTRATION_ENGINE, choices=REGISTRATION_ENGINES)
     parser.add_argument("--skip-full", action="store_true", help="only the demo-size case")
     args = parser.parse_args()
 

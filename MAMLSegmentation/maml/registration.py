@@ -481,11 +481,11 @@ def _bspline_domain(fixed: sitk.Image, mask: sitk.Image | None) -> tuple[sitk.Im
     the image's outermost half voxel (0.13 mm on a phantom). Padded, the domain covers every voxel.
     """
     pad = [2, 2, 2]
-    inside = mask if mask is not None else sitk.Image(fixed.GetSize(), sitk.sitkUInt8) + 1
     if mask is None:
-        inside.CopyInformation(fixed)
+        mask = sitk.Image(fixed.GetSize(), sitk.sitkUInt8) + 1
+        mask.CopyInformation(fixed)
     return (sitk.ZeroFluxNeumannPad(fixed, pad, pad),  # border values repeated: no edge to smooth in
-            sitk.ConstantPad(sitk.Cast(inside > 0, sitk.sitkUInt8), pad, pad, 0))
+            sitk.ConstantPad(sitk.Cast(mask > 0, sitk.sitkUInt8), pad, pad, 0))
 
 
 def _sitk_method(fixed: sitk.Image, levels: int, fmask, mmask) -> sitk.ImageRegistrationMethod:
