@@ -41,9 +41,10 @@ system-deps:
 	fi
 
 # Two workers (the machines have 2 cores), a test file per worker at a time: the module-scoped
-# fixtures (trained tiny models, phantoms) are built once.
+# fixtures (trained tiny models, phantoms) are built once. Files start longest first
+# (Testing/conftest.py), not in xdist's order of most tests first.
 test: setup system-deps
-	$(PY) -m pytest -q -n 2 --dist loadfile Testing
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder Testing
 
 # The benchmark harnesses on tiny budgets (the paper's tables: about 6 minutes of CPU).
 test-benchmarks: setup

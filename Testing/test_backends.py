@@ -80,12 +80,13 @@ def sample_images():
     return {"arterial": arterial, "venous": venous}
 
 
-@pytest.mark.parametrize("phases", [("arterial", "venous"), ("venous",)])
-def test_sample_case_labels_equal_torch(phases, sample_images):
+def test_sample_case_labels_equal_torch(sample_images):
+    # Both phases, the bundled model's every output; each phase subset's own graph is compared on
+    # random weights above (the venous phase alone here too cost 36 s of the suite's 15 minutes).
     import SimpleITK as sitk
 
     model = load_model(DEMO_MODEL)
-    images = {p: sample_images[p] for p in phases}
+    images = dict(sample_images)
     results = {backend: predict_case(model, images, keep_probabilities=True, backend=backend,
                                      device="cpu") for backend in ("torch", "openvino")}
     assert results["openvino"].backend == "openvino" and results["torch"].backend == "torch"

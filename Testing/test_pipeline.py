@@ -66,6 +66,11 @@ def test_segment_both_phases_writes_every_output_in_the_reference_geometry(tiny_
     air = sitk.GetArrayFromImage(venous) < -500
     assert air.any() and (~air).any()
     assert (heat[air] == 0).all() and (heat[~air] > 0).mean() > 0.99
+    # maps in steps of 1/1024 (inference.unit_steps): what lets deflate compress them
+    uncertainty = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertainty.nii.gz")))
+    for values in (heat, uncertainty):
+        assert values.dtype == np.float32 and np.array_equal(values * 1024, np.rint(values * 1024))
+    assert len(np.unique(uncertainty)) > 10  # rounded, not flattened
     sitk.ReadTransform(str(out / "transform_arterial.h5"))
 
     stats = json.loads((out / "stats.json").read_text())
