@@ -433,5 +433,6 @@ def _png_bytes(fig) -> bytes:
         fig.savefig(buffer, format="png", dpi=DPI, facecolor="white")
         return buffer.getvalue()
     out = _bytes_io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(out, format="PNG", compress_level=3, dpi=(DPI, DPI))  # 3: half the time of 6, 10 % larger
+    # compress_level 3: half the time of 6, for a file 10 % larger
+    Image.fromarray(rgb, "RGB").save(out, format="PNG", compress_level=3, dpi=(DPI, DPI))
     return out.getvalue()

@@ -41,8 +41,8 @@ import SimpleITK as sitk
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_MIN_TUMOR_ML", "compute_statistics", "count_tumors", "label_name_map", "max_distance",
-           "tumor_enhancement", "add_enhancement"]
+__all__ = ["DEFAULT_MIN_TUMOR_ML", "compute_statistics", "count_tumors", "label_name_map",
+           "max_distance", "tumor_enhancement", "add_enhancement"]
 
 DEFAULT_MIN_TUMOR_ML = 0.01
 
@@ -243,7 +243,8 @@ def _label_counts(array: np.ndarray) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def count_tumors(labels: sitk.Image, tumor_label: int = 2, min_tumor_ml: float = DEFAULT_MIN_TUMOR_ML) -> int:
+def count_tumors(labels: sitk.Image, tumor_label: int = 2,
+                 min_tumor_ml: float = DEFAULT_MIN_TUMOR_ML) -> int:
     """How many tumors :func:`compute_statistics` lists for ``labels``."""
     return _tumor_components(labels, tumor_label, min_tumor_ml)[1]
 
