@@ -57,18 +57,32 @@ def test_paired_wilcoxon_of_per_case_dice(tables):
     assert small["p"] == pytest.approx(0.5) and "smallest p" in small["note"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MAML_TEST_BENCHMARKS") != "1",
-                    reason="6 minutes of CPU: `make test-benchmarks` runs it (make test must stay "
-                           "under 15 minutes on 2 cores)")
-def test_tiny_budget_runs_every_arm_end_to_end(tmp_path):
+BENCHMARKS_ONLY = pytest.mark.skipif(
+    os.environ.get("MAML_TEST_BENCHMARKS") != "1",
+    reason="6 minutes of CPU: `make test-benchmarks` runs it (make test must stay under 15 minutes "
+           "on 2 cores)")
+TINY = ["--budget", "tiny", "--test-seed", "7000"]
+
+
+def run_tables(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny budget run once: (working folder, results file, the finished process)."""
     pytest.importorskip("nnunetv2")
-    results = tmp_path / "tables.json"
-    work = tmp_path / "work"
-    run = subprocess.run([sys.executable, str(SCRIPT), "--budget", "tiny", "--work", str(work),
-                          "--results", str(results), "--test-seed", "7000"],
-                         capture_output=True, text=True)
+    folder = tmp_path_factory.mktemp("tables")
+    work, results = folder / "work", folder / "tables.json"
+    run = run_tables(*TINY, "--work", str(work), "--results", str(results))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return work, results, run
+
+
+@pytest.mark.slow
+@BENCHMARKS_ONLY
+def test_tiny_budget_runs_every_arm_end_to_end(tiny_run):
+    work, results, run = tiny_run
     data = json.loads(results.read_text())
     assert "--budget tiny" in data["command"]
     # disjoint seeds; the test phantoms were used for nothing but scoring
@@ -117,3 +131,31 @@ def test_tiny_budget_runs_every_arm_end_to_end(tmp_path):
     assert all({"holds", "tied", "margin"} <= set(g) for g in data["goals"].values())
     assert "Table 1" in run.stdout and "Wilcoxon" in run.stdout
     assert "| MAML (fused head) | 81.25 |" in data["tables_markdown"]
+
+
+@pytest.mark.slow
+@BENCHMARKS_ONLY
+def test_resume_keeps_finished_arms_and_reruns_an_unfinished_one(tiny_run, tmp_path):
+    work, results, _ = tiny_run
+    first = json.loads(results.read_text())
+    # a folder with a run in it is refused without --resume, and --resume with another budget
+    refused = run_tables(*TINY, "--work", str(work), "--results", str(tmp_path / "no.json"))
+    assert refused.returncode != 0 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    other = run_tables(*TINY, "--epochs", "2", "--work", str(work), "--resume",
+                       "--results", str(tmp_path / "no.json"))
+    assert other.returncode != 0 and "epochs" in other.stderr and "Traceback" not in other.stderr
+    assert not (tmp_path / "no.json").exists()
+    # ms_ma stopped before it finished: only that arm trains again
+    (work / "ms_ma" / "arm.json").unlink()
+    resumed = tmp_path / "resumed.json"
+    run = run_tables(*TINY, "--work", str(work), "--resume", "--results", str(resumed))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads(resumed.read_text())
+    assert sorted(data["arms_from_earlier_runs"]) == sorted(set(first["arms"]) - {"ms_ma"})
+    assert "ms_ma done" in run.stdout and "maml done" not in run.stdout
+    assert data["arms"]["maml"] == first["arms"]["maml"]  # its commands and times, as recorded
+    assert data["cases"] == first["cases"]
+    for table in ("table2_arterial", "table2_venous"):
+        assert data["tables"][table] == first["tables"][table]  # scored from the kept evaluations
+    assert data["tables"]["table1"]["MS+MA"]["tumor_dice_per_case"].keys() == \
+        first["tables"]["table1"]["MS+MA"]["tumor_dice_per_case"].keys()

@@ -4,6 +4,8 @@
     python benchmarks/paper_tables.py --setup        # nnunetv2 beside the installed torch (once)
     python benchmarks/paper_tables.py --quick        # every arm end to end on a small budget
     python benchmarks/paper_tables.py                # the full table (hours on 2 CPU cores)
+    python benchmarks/paper_tables.py --work W       # ... keeping its models and logs in W
+    python benchmarks/paper_tables.py --work W --resume   # after a stop: finished arms are kept
 
 One phantom split: training cases from seeds ``--train-seed`` .., test cases from seeds
 ``--test-seed`` .. (used for nothing else: no arm validates, tunes or picks a checkpoint on them).
@@ -157,6 +159,10 @@ COMPARISONS = [
 
 class HarnessError(RuntimeError):
     """A step of the benchmark failed; the message names it and its log."""
+
+
+# Records of finished steps in the working folder: what ``--resume`` keeps.
+DATA_RECORD, PREPARE_RECORD, ARM_RECORD = "data.json", "nnunet_prepare.json", "arm.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,8 +344,48 @@ def nnunet_prepare(work: Path, budget_file: Path, arms: list[Arm]) -> float:
                *[str(DATASET_IDS[a.name]) for a in arms]]
     for arm in arms:
         arm.commands.append(command)
-    return run_logged(command, work / "logs" / "nnunet_prepare.log", nnunet_env(work, 1),
-                      "nnU-Net planning and preprocessing")
+    record = read_record(work / PREPARE_RECORD)
+    if record is not None:
+        return record["seconds"]
+    shutil.rmtree(work / "nnunet" / "preprocessed", ignore_errors=True)  # an interrupted one
+    seconds = run_logged(command, work / "logs" / "nnunet_prepare.log", nnunet_env(work, 1),
+                         "nnU-Net planning and preprocessing")
+    write_record(work / PREPARE_RECORD, {"seconds": seconds})
+    return seconds
+
+
+def read_record(path: Path) -> dict | None:
+    """A finished step's record, or None when the step has not finished (or never ran)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(path: Path, record: dict) -> None:
+    from maml.io import write_json
+
+    write_json(record, path)  # atomic: a record is whole or absent
+
+
+def finished_arm(arm: Arm, work: Path) -> bool:
+    """True when a previous run finished ``arm`` (its record and evaluation are there): its commands
+    and times are taken from the record. Otherwise what an interrupted run left of it is removed."""
+    record = read_record(work / arm.name / ARM_RECORD)
+    if record is not None and (work / arm.name / "eval.json").is_file():
+        arm.commands[:] = record["commands"]
+        arm.train_seconds, arm.evaluate_seconds = record["train_seconds"], record["evaluate_seconds"]
+        return True
+    shutil.rmtree(work / arm.name, ignore_errors=True)
+    if arm.kind == "nnunet":
+        for folder in (work / "nnunet" / "results").glob(f"Dataset{DATASET_IDS[arm.name]:03d}_*"):
+            shutil.rmtree(folder, ignore_errors=True)
+    return False
+
+
+def record_arm(arm: Arm, work: Path) -> None:
+    write_record(work / arm.name / ARM_RECORD, {"commands": arm.commands, "train_seconds": arm.train_seconds,
+                                                "evaluate_seconds": arm.evaluate_seconds})
 
 
 def run_nnunet_arm(arm: Arm, work: Path, budget_file: Path, test_cases: list[str]) -> None:
@@ -361,6 +407,7 @@ def run_nnunet_arm(arm: Arm, work: Path, budget_file: Path, test_cases: list[str
     arm.commands += [predict, evaluate]
     arm.evaluate_seconds = (run_logged(predict, log, env, f"arm {arm.name}: nnU-Net prediction")
                             + run_logged(evaluate, log, env, f"arm {arm.name}: evaluation"))
+    record_arm(arm, work)
 
 
 def run_maml_arm(arm: Arm, work: Path, budget: Budget, config_file: Path) -> None:
@@ -380,6 +427,7 @@ def run_maml_arm(arm: Arm, work: Path, budget: Budget, config_file: Path) -> Non
     arm.commands += [train, evaluate]
     arm.train_seconds = run_logged(train, log, env, f"arm {arm.name}: maml train")
     arm.evaluate_seconds = run_logged(evaluate, log, env, f"arm {arm.name}: maml evaluate")
+    record_arm(arm, work)
 
 
 def run_tasks(tasks: dict, jobs: int) -> None:
@@ -564,6 +612,10 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="arms trained side by side (default 2)")
     parser.add_argument("--work", help="working folder (phantoms, models, logs); default: a "
                         "temporary folder, removed at the end")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run in --work with the same budget: its phantoms, "
+                        "nnU-Net's preprocessing and every finished arm are kept, unfinished arms "
+                        "start again")
     parser.add_argument("--results", help="results JSON (default benchmarks/results/"
                         "paper_tables_BUDGET.json)")
     parser.set_defaults(budget="full")
@@ -600,9 +652,14 @@ def main(argv=None) -> int:
     results_path = Path(args.results) if args.results else RESULTS / f"paper_tables_{args.budget}.json"
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
+    if args.resume and not args.work:
+        raise SystemExit("--resume needs --work: the folder of the run to continue")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="paper_tables_"))
-    if args.work and work.exists() and any(work.iterdir()):
-        raise SystemExit(f"--work {work} is not empty: give a new or empty folder")
+    if args.resume:
+        check_resumable(work, budget)
+    elif args.work and work.exists() and any(work.iterdir()):
+        raise SystemExit(f"--work {work} is not empty: give a new or empty folder, or add --resume "
+                         "to continue the run in it")
     work.mkdir(parents=True, exist_ok=True)
     try:
         results = run_benchmark(budget, work, args.jobs)
@@ -627,27 +684,59 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
+def budget_record(budget: Budget) -> dict:
+    return {**asdict(budget), "features_per_stage": budget.features_per_stage}
+
+
+def check_resumable(work: Path, budget: Budget) -> None:
+    """``--resume`` continues only a run of this very budget: arms trained on another would mix."""
+    previous = read_record(work / "budget.json")
+    if previous is None:
+        raise SystemExit(f"--resume: {work} holds no run of this benchmark (no budget.json); "
+                         "leave out --resume to start one there")
+    changed = sorted(k for k, v in budget_record(budget).items() if previous.get(k) != v)
+    if changed:
+        raise SystemExit(f"--resume: the run in {work} has another budget ({', '.join(changed)} "
+                         "differ); give the same options as that run, or a new --work folder")
+
+
+def write_data(work: Path, budget: Budget, arms: dict[str, Arm]) -> dict:
+    """The phantoms, the aligned split and nnU-Net's raw data sets, once per working folder."""
+    record = read_record(work / DATA_RECORD)
+    if record is not None:
+        return record
+    for folder in ("phantoms_train", "phantoms_test", "train", "test", "nnunet"):
+        shutil.rmtree(work / folder, ignore_errors=True)  # what an interrupted run left
     t0 = time.perf_counter()
     train_cases = write_aligned(write_phantoms(work / "phantoms_train", budget.train_cases,
                                                budget.train_seed, budget.size), work / "train")
     test_cases = write_aligned(write_phantoms(work / "phantoms_test", budget.test_cases,
                                               budget.test_seed, budget.size), work / "test")
-    data_seconds = time.perf_counter() - t0
-    arms = {name: replace(arm, commands=[]) for name, arm in ARMS.items()}
     for arm in arms.values():
         if arm.kind == "nnunet":
             write_nnunet_raw(work / "train", work / "nnunet" / "raw", arm, train_cases)
+    record = {"train": train_cases, "test": test_cases, "seconds": time.perf_counter() - t0}
+    write_record(work / DATA_RECORD, record)
+    return record
+
+
+def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
     budget_file = work / "budget.json"
-    budget_file.write_text(json.dumps({**asdict(budget), "features_per_stage": budget.features_per_stage}))
+    budget_file.write_text(json.dumps(budget_record(budget)))
+    arms = {name: replace(arm, commands=[]) for name, arm in ARMS.items()}
+    data = write_data(work, budget, arms)
+    train_cases, test_cases, data_seconds = data["train"], data["test"], data["seconds"]
     config_file = work / "maml_config.json"
     config_file.write_text(maml_config(budget).to_json())
-    nnunet_arms = [a for a in arms.values() if a.kind == "nnunet"]
-    prepare_seconds = {}
-    tasks = {"nnunet_prepare": ((), lambda: prepare_seconds.setdefault(
-        "nnunet_prepare", nnunet_prepare(work, budget_file, nnunet_arms)))}
+    resumed = [name for name, arm in arms.items() if finished_arm(arm, work)]
+    for name in resumed:
+        print(f"arm {name}: finished in an earlier run, kept", flush=True)
+    nnunet_arms = [a for a in arms.values() if a.kind == "nnunet" and a.name not in resumed]
+    tasks = {"nnunet_prepare": ((), lambda: nnunet_arms and nnunet_prepare(work, budget_file, nnunet_arms))}
     # MAML's arms train two networks per iteration: the longest first, beside nnU-Net's preparation
     for arm in sorted(arms.values(), key=lambda a: a.kind != "maml"):
+        if arm.name in resumed:
+            continue
         if arm.kind == "maml":
             tasks[arm.name] = ((), lambda arm=arm: run_maml_arm(arm, work, budget, config_file))
         else:
@@ -677,6 +766,7 @@ def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
                   "test_phantoms": list(range(budget.test_seed, budget.test_seed + budget.test_cases)),
                   "training": budget.seed},
         "cases": {"train": train_cases, "test": test_cases},
+        "arms_from_earlier_runs": resumed,
         "alignment": "arterial resampled onto the venous grid with the phantom's true transform, "
                      "for every arm",
         "octopusnet": "not run: the engine has no per-phase-encoder, shared-decoder network",
@@ -690,7 +780,8 @@ def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
                         "commands": [shlex.join(c) for c in arm.commands]}
                  for name, arm in arms.items()},
         "times_seconds": {"phantoms_and_alignment": round(data_seconds, 1),
-                          "nnunet_prepare": round(prepare_seconds["nnunet_prepare"], 1)},
+                          "nnunet_prepare": round((read_record(work / PREPARE_RECORD) or {}).get(
+                              "seconds", 0.0), 1)},
         "tables_text": format_tables(rows, comparisons),
         "tables_markdown": markdown_tables(rows, comparisons),
     }
