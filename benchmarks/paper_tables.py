@@ -125,6 +125,7 @@ class Arm:
     commands: list[list[str]] = field(default_factory=list)
     train_seconds: float | None = None
     evaluate_seconds: float | None = None
+    revision: dict | None = None  # the code an arm finished in an earlier run (--resume) came from
 
 
 ARMS = {
@@ -375,6 +376,7 @@ def finished_arm(arm: Arm, work: Path) -> bool:
     if record is not None and (work / arm.name / "eval.json").is_file():
         arm.commands[:] = record["commands"]
         arm.train_seconds, arm.evaluate_seconds = record["train_seconds"], record["evaluate_seconds"]
+        arm.revision = record.get("revision")
         return True
     shutil.rmtree(work / arm.name, ignore_errors=True)
     if arm.kind == "nnunet":
@@ -385,7 +387,8 @@ def finished_arm(arm: Arm, work: Path) -> bool:
 
 def record_arm(arm: Arm, work: Path) -> None:
     write_record(work / arm.name / ARM_RECORD, {"commands": arm.commands, "train_seconds": arm.train_seconds,
-                                                "evaluate_seconds": arm.evaluate_seconds})
+                                                "evaluate_seconds": arm.evaluate_seconds,
+                                                "revision": git_revision()})
 
 
 def run_nnunet_arm(arm: Arm, work: Path, budget_file: Path, test_cases: list[str]) -> None:
@@ -777,6 +780,7 @@ def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
         "arms": {name: {"kind": arm.kind, "phases": list(arm.phases), "heads": list(arm.heads),
                         "train_seconds": round(arm.train_seconds, 1),
                         "evaluate_seconds": round(arm.evaluate_seconds, 1),
+                        "revision": arm.revision or git_revision(),
                         "commands": [shlex.join(c) for c in arm.commands]}
                  for name, arm in arms.items()},
         "times_seconds": {"phantoms_and_alignment": round(data_seconds, 1),
