@@ -125,7 +125,7 @@ class Arm:
     commands: list[list[str]] = field(default_factory=list)
     train_seconds: float | None = None
     evaluate_seconds: float | None = None
-    revision: dict | None = None  # the code an arm finished in an earlier run (--resume) came from
+    revision: dict | None = None  # the code it ran (for an arm kept by --resume, an earlier one)
 
 
 ARMS = {
@@ -386,9 +386,10 @@ def finished_arm(arm: Arm, work: Path) -> bool:
 
 
 def record_arm(arm: Arm, work: Path) -> None:
+    arm.revision = git_revision()
     write_record(work / arm.name / ARM_RECORD, {"commands": arm.commands, "train_seconds": arm.train_seconds,
                                                 "evaluate_seconds": arm.evaluate_seconds,
-                                                "revision": git_revision()})
+                                                "revision": arm.revision})
 
 
 def run_nnunet_arm(arm: Arm, work: Path, budget_file: Path, test_cases: list[str]) -> None:
@@ -725,7 +726,7 @@ def write_data(work: Path, budget: Budget, arms: dict[str, Arm]) -> dict:
 
 def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
     budget_file = work / "budget.json"
-    budget_file.write_text(json.dumps(budget_record(budget)))
+    write_record(budget_file, budget_record(budget))
     arms = {name: replace(arm, commands=[]) for name, arm in ARMS.items()}
     data = write_data(work, budget, arms)
     train_cases, test_cases, data_seconds = data["train"], data["test"], data["seconds"]
@@ -735,7 +736,9 @@ def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
     for name in resumed:
         print(f"arm {name}: finished in an earlier run, kept", flush=True)
     nnunet_arms = [a for a in arms.values() if a.kind == "nnunet" and a.name not in resumed]
-    tasks = {"nnunet_prepare": ((), lambda: nnunet_arms and nnunet_prepare(work, budget_file, nnunet_arms))}
+    tasks = {}
+    if nnunet_arms:  # the arms that wait for it
+        tasks["nnunet_prepare"] = ((), lambda: nnunet_prepare(work, budget_file, nnunet_arms))
     # MAML's arms train two networks per iteration: the longest first, beside nnU-Net's preparation
     for arm in sorted(arms.values(), key=lambda a: a.kind != "maml"):
         if arm.name in resumed:
@@ -780,7 +783,7 @@ def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
         "arms": {name: {"kind": arm.kind, "phases": list(arm.phases), "heads": list(arm.heads),
                         "train_seconds": round(arm.train_seconds, 1),
                         "evaluate_seconds": round(arm.evaluate_seconds, 1),
-                        "revision": arm.revision or git_revision(),
+                        "revision": arm.revision,
                         "commands": [shlex.join(c) for c in arm.commands]}
                  for name, arm in arms.items()},
         "times_seconds": {"phantoms_and_alignment": round(data_seconds, 1),
