@@ -145,7 +145,8 @@ def test_resume_keeps_finished_arms_and_reruns_an_unfinished_one(tiny_run, tmp_p
                        "--results", str(tmp_path / "no.json"))
     assert other.returncode != 0 and "epochs" in other.stderr and "Traceback" not in other.stderr
     assert not (tmp_path / "no.json").exists()
-    # ms_ma stopped before it finished: only that arm trains again
+    # ms_ma stopped before its evaluation: only that arm runs again, its training resumed from
+    # the checkpoint it kept (here with no epoch left), and it scores the same weights the same
     (work / "ms_ma" / "arm.json").unlink()
     resumed = tmp_path / "resumed.json"
     run = run_tables(*TINY, "--work", str(work), "--resume", "--results", str(resumed))
@@ -157,5 +158,7 @@ def test_resume_keeps_finished_arms_and_reruns_an_unfinished_one(tiny_run, tmp_p
     assert data["cases"] == first["cases"]
     for table in ("table2_arterial", "table2_venous"):
         assert data["tables"][table] == first["tables"][table]  # scored from the kept evaluations
-    assert data["tables"]["table1"]["MS+MA"]["tumor_dice_per_case"].keys() == \
-        first["tables"]["table1"]["MS+MA"]["tumor_dice_per_case"].keys()
+    assert data["arms"]["ms_ma"]["training_resumed"] and not data["arms"]["maml"]["training_resumed"]
+    assert "--resume" in data["arms"]["ms_ma"]["commands"][0]
+    assert data["tables"]["table1"]["MS+MA"] | {"train_seconds": 0} == \
+        first["tables"]["table1"]["MS+MA"] | {"train_seconds": 0}

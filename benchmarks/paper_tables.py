@@ -126,6 +126,8 @@ class Arm:
     train_seconds: float | None = None
     evaluate_seconds: float | None = None
     revision: dict | None = None  # the code it ran (for an arm kept by --resume, an earlier one)
+    # a MAML arm stopped in training: seconds of the epochs its checkpoint keeps (--resume goes on)
+    trained_seconds_before: float | None = None
 
 
 ARMS = {
@@ -164,6 +166,7 @@ class HarnessError(RuntimeError):
 
 # Records of finished steps in the working folder: what ``--resume`` keeps.
 DATA_RECORD, PREPARE_RECORD, ARM_RECORD = "data.json", "nnunet_prepare.json", "arm.json"
+MAML_STATE = "training_state.pt"  # what ``maml train --resume`` continues from
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,7 +380,15 @@ def finished_arm(arm: Arm, work: Path) -> bool:
         arm.commands[:] = record["commands"]
         arm.train_seconds, arm.evaluate_seconds = record["train_seconds"], record["evaluate_seconds"]
         arm.revision = record.get("revision")
+        arm.trained_seconds_before = record.get("trained_seconds_before_resume")
         return True
+    if arm.kind == "maml" and (work / arm.name / "model" / MAML_STATE).is_file():
+        # maml train --resume replays the rest exactly: keep the model folder, drop the rest
+        for path in (work / arm.name).iterdir():
+            if path.name != "model":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        arm.trained_seconds_before = epoch_seconds(work / arm.name / "model")
+        return False
     shutil.rmtree(work / arm.name, ignore_errors=True)
     if arm.kind == "nnunet":
         for folder in (work / "nnunet" / "results").glob(f"Dataset{DATASET_IDS[arm.name]:03d}_*"):
@@ -385,11 +396,22 @@ def finished_arm(arm: Arm, work: Path) -> bool:
     return False
 
 
+def epoch_seconds(model: Path) -> float:
+    """Training seconds of the epochs a stopped ``maml train`` run logged (its checkpoint's)."""
+    log = model / "log.jsonl"
+    if not log.is_file():
+        return 0.0
+    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return float(sum(row.get("train_seconds") or 0.0 for row in rows))
+
+
 def record_arm(arm: Arm, work: Path) -> None:
     arm.revision = git_revision()
-    write_record(work / arm.name / ARM_RECORD, {"commands": arm.commands, "train_seconds": arm.train_seconds,
-                                                "evaluate_seconds": arm.evaluate_seconds,
-                                                "revision": arm.revision})
+    record = {"commands": arm.commands, "train_seconds": arm.train_seconds,
+              "evaluate_seconds": arm.evaluate_seconds, "revision": arm.revision}
+    if arm.trained_seconds_before is not None:
+        record["trained_seconds_before_resume"] = arm.trained_seconds_before
+    write_record(work / arm.name / ARM_RECORD, record)
 
 
 def run_nnunet_arm(arm: Arm, work: Path, budget_file: Path, test_cases: list[str]) -> None:
@@ -423,13 +445,16 @@ def run_maml_arm(arm: Arm, work: Path, budget: Budget, config_file: Path) -> Non
         "--fold", "all", "--epochs", str(budget.epochs), "--iterations", str(budget.iterations_per_epoch),
         "--batch-size", str(budget.batch_size), "--optimizer", "sgd", "--lr", str(budget.learning_rate),
         "--augmentation", "default", "--seed", str(budget.seed), "--device", "cpu", "--threads", "1",
-        "--workers", "0", "--no-progress", *arm.train_flags)
+        "--workers", "0", "--no-progress", *arm.train_flags,
+        *(["--resume"] if arm.trained_seconds_before is not None else []))
     evaluate = maml_command(
         "evaluate", "--model", str(out / "checkpoint_final.pt"), "--dataset", str(work / "test"),
         "--register", "none", "--heads", *arm.heads, "--device", "cpu", "--backend", "torch",
         "--out", str(work / arm.name / "eval"), "--no-progress")
     arm.commands += [train, evaluate]
-    arm.train_seconds = run_logged(train, log, env, f"arm {arm.name}: maml train")
+    # a resumed arm's training time: this run's plus the epochs it kept (their logged seconds)
+    arm.train_seconds = (run_logged(train, log, env, f"arm {arm.name}: maml train")
+                         + (arm.trained_seconds_before or 0.0))
     arm.evaluate_seconds = run_logged(evaluate, log, env, f"arm {arm.name}: maml evaluate")
     record_arm(arm, work)
 
@@ -784,6 +809,7 @@ def run_benchmark(budget: Budget, work: Path, jobs: int) -> dict:
                         "train_seconds": round(arm.train_seconds, 1),
                         "evaluate_seconds": round(arm.evaluate_seconds, 1),
                         "revision": arm.revision,
+                        "training_resumed": arm.trained_seconds_before is not None,
                         "commands": [shlex.join(c) for c in arm.commands]}
                  for name, arm in arms.items()},
         "times_seconds": {"phantoms_and_alignment": round(data_seconds, 1),
