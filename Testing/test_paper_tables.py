@@ -135,7 +135,7 @@ def test_tiny_budget_runs_every_arm_end_to_end(tiny_run):
 
 @pytest.mark.slow
 @BENCHMARKS_ONLY
-def test_resume_keeps_finished_arms_and_reruns_an_unfinished_one(tiny_run, tmp_path):
+def test_resume_keeps_finished_arms_and_continues_unfinished_ones(tiny_run, tmp_path):
     work, results, _ = tiny_run
     first = json.loads(results.read_text())
     # a folder with a run in it is refused without --resume, and --resume with another budget
@@ -145,20 +145,27 @@ def test_resume_keeps_finished_arms_and_reruns_an_unfinished_one(tiny_run, tmp_p
                        "--results", str(tmp_path / "no.json"))
     assert other.returncode != 0 and "epochs" in other.stderr and "Traceback" not in other.stderr
     assert not (tmp_path / "no.json").exists()
-    # ms_ma stopped before its evaluation: only that arm runs again, its training resumed from
-    # the checkpoint it kept (here with no epoch left), and it scores the same weights the same
+    # ms_ma and nnunet_venous stopped before their evaluation: only they run again, their training
+    # continued from the checkpoint each kept (here with no epoch left), scoring the same weights
     (work / "ms_ma" / "arm.json").unlink()
+    (work / "nnunet_venous" / "arm.json").unlink()
     resumed = tmp_path / "resumed.json"
     run = run_tables(*TINY, "--work", str(work), "--resume", "--results", str(resumed))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads(resumed.read_text())
-    assert sorted(data["arms_from_earlier_runs"]) == sorted(set(first["arms"]) - {"ms_ma"})
-    assert "ms_ma done" in run.stdout and "maml done" not in run.stdout
+    assert sorted(data["arms_from_earlier_runs"]) == sorted(set(first["arms"]) - {"ms_ma", "nnunet_venous"})
+    assert "ms_ma done" in run.stdout and "nnunet_venous done" in run.stdout
+    assert "maml done" not in run.stdout and "nnunet_both done" not in run.stdout
     assert data["arms"]["maml"] == first["arms"]["maml"]  # its commands and times, as recorded
     assert data["cases"] == first["cases"]
-    for table in ("table2_arterial", "table2_venous"):
-        assert data["tables"][table] == first["tables"][table]  # scored from the kept evaluations
+    # scored from the kept evaluations
+    assert data["tables"]["table2_arterial"] == first["tables"]["table2_arterial"]
+    assert data["tables"]["table2_venous"]["MAML"] == first["tables"]["table2_venous"]["MAML"]
     assert data["arms"]["ms_ma"]["training_resumed"] and not data["arms"]["maml"]["training_resumed"]
     assert "--resume" in data["arms"]["ms_ma"]["commands"][0]
+    nnunet_training = [c for c in data["arms"]["nnunet_venous"]["commands"] if " train " in c]
+    assert len(nnunet_training) == 1 and nnunet_training[0].endswith(" continue")
+    assert data["tables"]["table2_venous"]["nnU-Net"] | {"train_seconds": 0} == \
+        first["tables"]["table2_venous"]["nnU-Net"] | {"train_seconds": 0}
     assert data["tables"]["table1"]["MS+MA"] | {"train_seconds": 0} == \
         first["tables"]["table1"]["MS+MA"] | {"train_seconds": 0}

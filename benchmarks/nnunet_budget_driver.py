@@ -2,7 +2,7 @@
 prediction, each run in its own process whose environment names nnU-Net's three folders.
 
     python nnunet_budget_driver.py prepare BUDGET_JSON DATASET_ID [DATASET_ID ...]
-    python nnunet_budget_driver.py train BUDGET_JSON DATASET_ID
+    python nnunet_budget_driver.py train BUDGET_JSON DATASET_ID [continue]
     python nnunet_budget_driver.py predict MODEL_FOLDER INPUT_FOLDER OUTPUT_FOLDER
 
 prepare: nnU-Net's fingerprint and its default experiment planner, then a second plans file
@@ -10,7 +10,8 @@ prepare: nnU-Net's fingerprint and its default experiment planner, then a second
 of the budget (what the MAML arms use), then nnU-Net's preprocessing for those plans.
 train: fold "all" with :class:`nnUNetTrainerBudget` (nnU-Net's trainer with the budget's epochs and
 iterations per epoch), what ``nnUNetv2_train DATASET_ID 3d_fullres all -p nnUNetBudgetPlans -tr
-nnUNetTrainerBudget`` runs, without its final validation export.
+nnUNetTrainerBudget`` runs, without its final validation export; ``continue`` goes on from the
+latest checkpoint (``nnUNetv2_train ... --c``), which the budget trainer writes every 5 epochs.
 predict: ``nnUNetPredictor`` with step size 0.5 and Gaussian weighting as ``nnUNetv2_predict``, but
 without test-time mirroring, as the MAML arms are evaluated.
 
@@ -40,6 +41,7 @@ class nnUNetTrainerBudget(nnUNetTrainer):
     EPOCHS = 1000
     ITERATIONS_PER_EPOCH = 250
     VAL_ITERATIONS_PER_EPOCH = 1  # fold "all" validates on training cases: only a progress signal
+    SAVE_EVERY = 5  # epochs between checkpoint_latest.pth (nnU-Net: 50, more than a CPU budget has)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -47,6 +49,7 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         self.num_epochs = self.EPOCHS
         self.num_iterations_per_epoch = self.ITERATIONS_PER_EPOCH
         self.num_val_iterations_per_epoch = self.VAL_ITERATIONS_PER_EPOCH
+        self.save_every = self.SAVE_EVERY
 
 
 def _find_trainer(name: str):
@@ -95,8 +98,11 @@ def prepare(budget_file: str, *dataset_ids: str) -> None:
     print(f"preprocessing: {time.perf_counter() - started:.1f} s", flush=True)
 
 
-def train(budget_file: str, dataset_id: str) -> None:
+def train(budget_file: str, dataset_id: str, resume: str = "") -> None:
     import nnunetv2.run.run_training as run_training
+
+    if resume not in ("", "continue"):
+        raise SystemExit(f"train: the optional last argument is 'continue', not {resume!r}")
 
     budget = json.loads(Path(budget_file).read_text())
     torch.set_num_threads(1)
@@ -107,6 +113,8 @@ def train(budget_file: str, dataset_id: str) -> None:
     trainer = run_training.get_trainer_from_args(dataset_id, CONFIGURATION, "all",
                                                  nnUNetTrainerBudget.__name__, PLANS,
                                                  device=torch.device("cpu"))
+    run_training.maybe_load_checkpoint(trainer, continue_training=resume == "continue",
+                                       validation_only=False)
     trainer.run_training()
 
 

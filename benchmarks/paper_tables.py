@@ -126,7 +126,7 @@ class Arm:
     train_seconds: float | None = None
     evaluate_seconds: float | None = None
     revision: dict | None = None  # the code it ran (for an arm kept by --resume, an earlier one)
-    # a MAML arm stopped in training: seconds of the epochs its checkpoint keeps (--resume goes on)
+    # an arm stopped in training: seconds of the epochs its checkpoint keeps (--resume goes on)
     trained_seconds_before: float | None = None
 
 
@@ -392,8 +392,23 @@ def finished_arm(arm: Arm, work: Path) -> bool:
     shutil.rmtree(work / arm.name, ignore_errors=True)
     if arm.kind == "nnunet":
         for folder in (work / "nnunet" / "results").glob(f"Dataset{DATASET_IDS[arm.name]:03d}_*"):
-            shutil.rmtree(folder, ignore_errors=True)
+            model = folder / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_all"
+            if (model / "checkpoint_latest.pth").is_file() or (model / "checkpoint_final.pth").is_file():
+                arm.trained_seconds_before = nnunet_epoch_seconds(model)  # nnU-Net continues it
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
     return False
+
+
+def nnunet_epoch_seconds(model: Path) -> float:
+    """Seconds of the epochs nnU-Net logged before it was stopped (its training_log files); epochs
+    after the last checkpoint are counted although they will run again."""
+    seconds = 0.0
+    for log in model.glob("training_log_*.txt"):
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if "Epoch time:" in line:
+                seconds += float(line.split("Epoch time:")[1].split()[0])
+    return seconds
 
 
 def epoch_seconds(model: Path) -> float:
@@ -418,9 +433,11 @@ def run_nnunet_arm(arm: Arm, work: Path, budget_file: Path, test_cases: list[str
     env = nnunet_env(work)
     log = work / "logs" / f"{arm.name}.log"
     dataset_id = str(DATASET_IDS[arm.name])
-    train = [sys.executable, str(DRIVER), "train", str(budget_file), dataset_id]
+    train = [sys.executable, str(DRIVER), "train", str(budget_file), dataset_id,
+             *(["continue"] if arm.trained_seconds_before is not None else [])]
     arm.commands.append(train)
-    arm.train_seconds = run_logged(train, log, env, f"arm {arm.name}: nnU-Net training")
+    arm.train_seconds = (run_logged(train, log, env, f"arm {arm.name}: nnU-Net training")
+                         + (arm.trained_seconds_before or 0.0))
     raw_name = next((work / "nnunet" / "raw").glob(f"Dataset{dataset_id}_*")).name
     model = work / "nnunet" / "results" / raw_name / f"{TRAINER}__{PLANS}__3d_fullres"
     inputs = nnunet_test_inputs(work / "test", work / arm.name / "input", arm, test_cases)
