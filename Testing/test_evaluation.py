@@ -273,3 +273,14 @@ def test_ensemble_head_is_the_mean_of_the_phase_heads_probabilities(tmp_path):
     assert not np.array_equal(alone[0], alone[1])
     assert results["ensemble"].summary["liver"]["dice"]["n"] == 1
 
+
+
+def test_result_paths_append_to_a_name_with_dots():
+    from maml.evaluation.results import result_paths
+
+    assert [p.name for p in result_paths("runs/tune_o0.25")] == \
+        ["tune_o0.25.json", "tune_o0.25.csv", "tune_o0.25_lesions.csv"]
+    assert [p.name for p in result_paths("scores.json")] == \
+        ["scores.json", "scores.csv", "scores_lesions.csv"]
+    assert [p.name for p in result_paths("scores.CSV")] == \
+        ["scores.json", "scores.csv", "scores_lesions.csv"]

@@ -155,3 +155,55 @@ def test_network_keeps_its_layout_and_stays_trainable_after_inference():
     out = net(torch.randn(1, 2, *PATCH))
     out.fused_logits.sum().backward()  # no inference tensors left in the weights
     assert net.fused_head.weight.grad is not None
+
+
+def test_a_models_own_overlap_places_its_windows_and_a_run_may_override_it(tmp_path):
+    import SimpleITK as sitk
+
+    from engine_helpers import save_tiny_liver_model
+    from maml.inference import padding_of, predict_case, window_alignment
+    from maml.model import load_model, save_checkpoint
+
+    path = save_tiny_liver_model(tmp_path / "half.pt")
+    half = load_model(path)
+    quarter_config = half.config
+    quarter_config.inference.overlap = 0.25
+    # still MAML's own way of predicting: air padding, windows on the network's stride grid
+    assert padding_of(quarter_config) == "air"
+    assert window_alignment(quarter_config) == tuple(quarter_config.network.total_downsampling())
+    save_checkpoint(tmp_path / "quarter.pt", half.network, quarter_config, {"note": "overlap 0.25"})
+    quarter = load_model(tmp_path / "quarter.pt")
+    assert quarter.config.inference.overlap == 0.25
+    assert load_model(path).config.inference.overlap == 0.5
+
+    rng = np.random.default_rng(5)
+    images = {}
+    for phase, level in (("arterial", 100.0), ("venous", 150.0)):  # z, y, x; windows 8 x 16 x 16
+        images[phase] = sitk.GetImageFromArray(rng.normal(level, 30.0, (24, 24, 40)).astype(np.float32))
+        images[phase].SetSpacing([6.0, 6.0, 6.0])
+
+    def windows(model, **options) -> int:
+        calls = []
+        predict_case(model, images, device="cpu", backend="torch", batch_size=1,
+                     progress=calls.append, **options)
+        return len(calls)
+
+    counts = {"half": windows(load_model(path)), "quarter": windows(quarter),
+              "override": windows(load_model(path), overlap=0.25)}
+    assert counts["quarter"] == counts["override"] < counts["half"]
+
+
+def test_an_overlap_outside_a_patch_is_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from engine_helpers import write_tiny_case
+
+    paths = write_tiny_case(tmp_path)
+    for value in ("1.5", "half"):
+        run = subprocess.run([sys.executable, "-m", "maml.cli", "segment", "--phase",
+                              f"venous={paths['venous']}", "--out", str(tmp_path / "out"),
+                              "--overlap", value], capture_output=True, text=True)
+        assert run.returncode == 2 and "Traceback" not in run.stderr
+        assert "--overlap" in run.stderr and ("fraction of a patch" in run.stderr or "number" in run.stderr)
+        assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ torch array order, (z, y, x), as nnU-Net stores it. SimpleITK uses (x, y, z); co
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,16 @@ BLEND_MODES = ("probabilities", "logits")
 # exactly the model's spacing from the input's first voxel; "nnunet" normalises first, then resamples
 # with cubic B-splines onto a grid of the input's extent (nnU-Net v2's preprocessing).
 RESAMPLING_MODES = ("maml", "nnunet")
+# Sliding windows overlap by half a patch unless the model or the user says otherwise (nnU-Net's
+# step size 0.5); each voxel is then predicted by up to 8 windows.
+DEFAULT_OVERLAP = 0.5
+
+
+def check_overlap(value: float, what: str, error=ModelError) -> float:
+    """An overlap is a fraction of a patch in [0, 0.95]: beyond, the windows multiply for nothing."""
+    if not 0.0 <= float(value) <= 0.95:
+        raise error(f"{what} {value} is not a fraction of a patch between 0 and 0.95 (0.5: half a patch)")
+    return float(value)
 # Run options named here, where the command line reads them without loading the modules that do
 # the work (maml.registration, maml.backends).
 REGISTRATION_PRESETS = ("none", "rigid", "affine", "deformable")  # deformable = rigid then B-spline
@@ -156,10 +166,19 @@ class InferenceConfig:
     blend: str = "probabilities"
     mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
     resampling: str = "maml"
+    # Sliding windows overlap by this fraction of a patch. The model's own: its domain check's
+    # fingerprint was measured on windows placed so.
+    overlap: float = DEFAULT_OVERLAP
 
     @property
     def is_default(self) -> bool:
         return self == InferenceConfig()
+
+    @property
+    def is_maml(self) -> bool:
+        """MAML's own way of predicting (an imported nnU-Net model blends logits as nnU-Net does);
+        the overlap is a choice within either."""
+        return replace(self, overlap=DEFAULT_OVERLAP) == InferenceConfig()
 
     def validate(self, name: str) -> None:
         if self.blend not in BLEND_MODES:
@@ -167,6 +186,7 @@ class InferenceConfig:
         if self.resampling not in RESAMPLING_MODES:
             raise ModelError(f"model {name!r}: resampling {self.resampling!r} is not one of "
                              f"{RESAMPLING_MODES}")
+        check_overlap(self.overlap, f"model {name!r}: inference overlap", ModelError)
         if any(a not in (0, 1, 2) for a in self.mirror_axes) or \
                 len(set(self.mirror_axes)) != len(self.mirror_axes):
             raise ModelError(f"model {name!r}: mirror axes must be distinct values of 0, 1, 2 "

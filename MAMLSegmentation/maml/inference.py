@@ -387,6 +387,7 @@ def predict_case(
     cancel: CancelCheck | None = None,
     postprocess: bool = True,
     backend: str = "auto",
+    overlap: float | None = None,
 ) -> CasePrediction:
     """Co-registered phase images (any non-empty subset of the model's phases) -> CasePrediction.
 
@@ -394,7 +395,8 @@ def predict_case(
     input grid, so memory follows the model's resolution. ``postprocess``: apply the model's
     post-processing (:mod:`maml.postprocessing`) to the labels (probabilities are left as they are).
     ``backend``: auto, torch or openvino (:mod:`maml.backends`; auto: OpenVINO on the CPU when
-    installed).
+    installed). ``overlap``: of the sliding windows, a fraction of a patch (default: the model's own,
+    the one its domain check was calibrated with).
     """
     from .backends import inference_network, resolve_engine
     from .preprocessing import (labels_from_probabilities, map_to_input_geometry,
@@ -402,12 +404,13 @@ def predict_case(
 
     torch_device, engine = resolve_engine(device, backend)
     case = preprocess_phases(images, model.config)
-    if engine == "openvino" and not model.config.inference.is_default:
+    if engine == "openvino" and not model.config.inference.is_maml:
         # Imported nnU-Net models blend logits per fold as nnU-Net does; the exported network
         # gives probabilities only, so they run in torch.
         engine = "torch"
     options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=str(torch_device),
                                    batch_size=batch_size,
+                                   overlap=model.config.inference.overlap if overlap is None else overlap,
                                    mirror_axes=model.config.inference.mirror_axes,
                                    blend=model.config.inference.blend,
                                    align=window_alignment(model.config),
@@ -467,14 +470,14 @@ def unit_steps(image: "sitk.Image") -> "sitk.Image":
 
 def padding_of(config) -> str:
     """MAML's own models were trained with air beyond the border; imported nnU-Net models with 0."""
-    return "air" if config.inference.is_default else "zero"
+    return "air" if config.inference.is_maml else "zero"
 
 
 def window_alignment(config) -> tuple[int, int, int]:
     """Window starts on the network's total stride grid (so the upsampling's period-2 pattern is the
     same in every window and the attention maps show no stripes); imported nnU-Net models place
     their windows exactly as nnU-Net does."""
-    if not config.inference.is_default:
+    if not config.inference.is_maml:
         return (1, 1, 1)
     return tuple(config.network.total_downsampling())
 

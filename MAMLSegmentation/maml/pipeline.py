@@ -49,6 +49,7 @@ class SegmentOptions:
     device: str = "auto"
     backend: str = "auto"  # one of maml.config.BACKENDS
     tta: bool = False  # mirroring test-time augmentation (8 flips: slower, slightly better)
+    overlap: float | None = None  # of the sliding windows; None: the model's own
     batch_size: int = 2
     # Phases that stay dissimilar after registration are most likely of different patients (or
     # scans): refused unless the user says otherwise.
@@ -182,6 +183,7 @@ def segment(
     report("inference", 0.0, "MAML inference")
     prediction = predict_case(
         loaded, on_reference, mirror=options.tta, device=str(device), batch_size=options.batch_size,
+        overlap=options.overlap,
         progress=lambda f: report("inference", f, "MAML inference"), cancel=cancel,
         postprocess=options.postprocess, backend=backend)
     attention = mask_attention_outside_body(prediction.attention, on_reference[reference], config)

@@ -7,7 +7,7 @@ HELP = ("score predicted label maps against ground truth (Dice, ASSD in mm and v
 
 
 def configure(parser):
-    from .segment import add_backend_option
+    from .segment import add_backend_option, add_overlap_option
 
     parser.add_argument("--pred", help="folder of predicted label maps")
     parser.add_argument("--gt", help="folder of ground-truth label maps (matched by file name)")
@@ -24,6 +24,7 @@ def configure(parser):
     parser.add_argument("--save-predictions", metavar="DIR", help="with --model: write HEAD/CASE label maps")
     parser.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
     add_backend_option(parser)
+    add_overlap_option(parser)
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="with --model: score the raw labels (skip the model's post-processing)")
     parser.add_argument("--out", help="result file: writes OUT.json and OUT.csv (per case and label, "
@@ -48,7 +49,7 @@ def run(args) -> int:
         results = evaluate_model(args.model, args.dataset, register, args.heads, args.save_predictions,
                                  args.device, progress=not args.no_progress,
                                  postprocess=not args.no_postprocessing, backend=args.backend,
-                                 lesion_label=args.lesion_label)
+                                 lesion_label=args.lesion_label, overlap=args.overlap)
         for head, result in results.items():
             print(f"head: {head}")
             print(result.table())

@@ -22,6 +22,24 @@ def add_backend_option(parser) -> None:
                              "as fast; installed by the [cpu-fast] extra)")
 
 
+def add_overlap_option(parser) -> None:
+    parser.add_argument("--overlap", type=overlap_argument, metavar="FRACTION",
+                        help="how far sliding windows overlap, a fraction of a patch (default: the "
+                             "model's own, the one its out-of-distribution check was calibrated "
+                             "with; smaller is faster: 0.25 needs about half the windows of 0.5)")
+
+
+def overlap_argument(text: str) -> float:
+    import argparse
+
+    from ..config import check_overlap
+
+    try:
+        return check_overlap(float(text), "value", argparse.ArgumentTypeError)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"value {text!r} is not a number (0.5: half a patch)")
+
+
 def add_run_options(parser) -> None:
     """Options shared by segment and segment-batch."""
     from ..config import DEFAULT_REGISTRATION, DEFAULT_REGISTRATION_ENGINE, REGISTRATION_ENGINES, REGISTRATION_PRESETS
@@ -36,6 +54,7 @@ def add_run_options(parser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_backend_option(parser)
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
+    add_overlap_option(parser)
     parser.add_argument("--allow-poor-registration", action="store_true",
                         help="segment even when the phases stay dissimilar after registration")
     parser.add_argument("--no-postprocessing", action="store_true",
@@ -67,7 +86,7 @@ def options_from(args):
 
     return SegmentOptions(registration=args.register, registration_engine=args.registration_engine,
                           reference=args.reference, device=args.device,
-                          backend=args.backend, tta=args.tta,
+                          backend=args.backend, tta=args.tta, overlap=args.overlap,
                           allow_poor_registration=args.allow_poor_registration,
                           postprocess=not args.no_postprocessing,
                           accept_out_of_distribution=args.accept_out_of_distribution,

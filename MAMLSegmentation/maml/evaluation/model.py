@@ -19,7 +19,8 @@ ENSEMBLE_HEAD = "ensemble"
 def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: str | None = "deformable",
                    heads: Sequence[str] | None = None, predictions_dir: str | Path | None = None,
                    device: str = "auto", progress: bool = False, postprocess: bool = True,
-                   backend: str = "auto", lesion_label: str | None = None) -> dict[str, EvaluationResult]:
+                   backend: str = "auto", lesion_label: str | None = None,
+                   overlap: float | None = None) -> dict[str, EvaluationResult]:
     """Segments every case of an nnU-Net raw data set with a model and scores each head.
 
     Heads: "fused" (all phases) and each phase alone (the model's own head for that phase, as when a
@@ -74,13 +75,13 @@ def evaluate_model(model_path: str | Path, dataset_dir: str | Path, register: st
                     if phase not in predictions:
                         predictions[phase] = predict_case(
                             model, {phase: images[phase]}, device=device, postprocess=postprocess,
-                            backend=backend, keep_probabilities=True)
+                            backend=backend, overlap=overlap, keep_probabilities=True)
                 labels_image = ensemble_labels(model, [predictions[p] for p in model.config.phases],
                                                postprocess)
             else:
                 inputs = images if head == "fused" else {head: images[head]}
                 predictions[head] = predict_case(model, inputs, device=device, postprocess=postprocess,
-                                                 backend=backend,
+                                                 backend=backend, overlap=overlap,
                                                  keep_probabilities=keep and head != "fused")
                 labels_image = predictions[head].labels
             if predictions_dir is not None:

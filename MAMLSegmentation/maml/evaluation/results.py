@@ -130,7 +130,8 @@ def result_paths(out: str | Path) -> tuple[Path, Path, Path]:
     """OUT.json, OUT.csv and OUT_lesions.csv (``out`` may end in .json, .csv or neither)."""
     out = Path(out)
     stem = out.with_suffix("") if out.suffix.lower() in (".json", ".csv") else out
-    return stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_name(stem.name + "_lesions.csv")
+    # names are appended to, never substituted: OUT "tune_o0.25" is not "tune_o0" + ".25"
+    return tuple(stem.with_name(stem.name + ending) for ending in (".json", ".csv", "_lesions.csv"))
 
 
 def write_results(result: EvaluationResult, out: str | Path) -> list[Path]:
