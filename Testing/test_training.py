@@ -468,6 +468,26 @@ def test_cli_train_end_to_end(dataset, tmp_path):
                      "--config", "demo"]) == 1
 
 
+def test_cli_fingerprint_sets_the_overlap_and_measures_at_least_half_a_patch(dataset, tmp_path):
+    out = tmp_path / "run"
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(tiny_model_config().to_json())
+    assert cli_main(["train", "--dataset", str(dataset), "--out", str(out), "--config", str(config_file),
+                     "--epochs", "1", "--iterations", "1", "--val-cases", "1", "--device", "cpu",
+                     "--augmentation", "none", "--no-progress"]) == 0
+    windows = {}
+    for overlap in (None, "0.25", "0.9"):
+        written = tmp_path / f"fingerprinted_{overlap}.pt"
+        assert cli_main(["fingerprint", "--model", str(out / "checkpoint_final.pt"), "--dataset",
+                         str(dataset), "--write", str(written), "--device", "cpu",
+                         *(["--overlap", overlap] if overlap else [])]) == 0
+        model = load_model(written)
+        assert model.config.inference.overlap == (float(overlap) if overlap else 0.5)
+        windows[overlap] = model.metadata["fingerprint"]["features"]["arterial"]["windows"]
+    assert windows["0.25"] == windows[None]  # measured with half a patch's overlap all the same
+    assert windows["0.9"] > windows[None]  # denser: 3 x 3 x 3 windows per case instead of 2 x 2 x 2
+
+
 def test_cli_train_with_trilinear_final_upsampling(dataset, tmp_path):
     """A new model trained with the stripe-free up-sampling keeps it in its checkpoint."""
     out = tmp_path / "trilinear"

@@ -166,8 +166,8 @@ class InferenceConfig:
     blend: str = "probabilities"
     mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
     resampling: str = "maml"
-    # Sliding windows overlap by this fraction of a patch. The model's own: its domain check's
-    # fingerprint was measured on windows placed so.
+    # Sliding windows overlap by this fraction of a patch (its domain check's fingerprint is
+    # measured with at least DEFAULT_OVERLAP: maml.training.fingerprint.fingerprint_overlap).
     overlap: float = DEFAULT_OVERLAP
 
     @property

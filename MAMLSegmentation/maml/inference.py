@@ -1,8 +1,9 @@
 """Sliding-window inference over a preprocessed volume, nnU-Net style.
 
-Windows overlap by half a patch and are blended with a Gaussian importance map (sigma = patch / 8);
-class probabilities and attention heatmaps are accumulated at the model's resolution, so memory grows
-with the resampled volume, never with the number of windows. Window placement, zero padding, the
+Windows overlap by a fraction of a patch (the model's own; half by default) and are blended with a
+Gaussian importance map (sigma = patch / 8); class probabilities and attention heatmaps are
+accumulated at the model's resolution, so memory grows with the resampled volume, never with the
+number of windows. Window placement, zero padding, the
 Gaussian (peak at voxel ``patch // 2``, cut at 4 sigma) and the mirroring are those of nnU-Net v2's
 predictor; models imported from nnU-Net also blend logits as it does (``InferenceConfig.blend``).
 """
@@ -395,8 +396,7 @@ def predict_case(
     input grid, so memory follows the model's resolution. ``postprocess``: apply the model's
     post-processing (:mod:`maml.postprocessing`) to the labels (probabilities are left as they are).
     ``backend``: auto, torch or openvino (:mod:`maml.backends`; auto: OpenVINO on the CPU when
-    installed). ``overlap``: of the sliding windows, a fraction of a patch (default: the model's own,
-    the one its domain check was calibrated with).
+    installed). ``overlap``: of the sliding windows, a fraction of a patch (default: the model's own).
     """
     from .backends import inference_network, resolve_engine
     from .preprocessing import (labels_from_probabilities, map_to_input_geometry,

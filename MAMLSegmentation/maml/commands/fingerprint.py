@@ -5,6 +5,8 @@ HELP = ("add a training fingerprint to a model from its training data, so that m
 
 
 def configure(parser) -> None:
+    from .segment import overlap_argument
+
     parser.add_argument("--model", required=True, help="checkpoint file")
     parser.add_argument("--dataset", required=True,
                         help="the model's training data (nnU-Net v2 raw data set)")
@@ -26,6 +28,11 @@ def configure(parser) -> None:
     parser.add_argument("--data-kind", choices=["synthetic", "clinical"],
                         help="what the model was trained on (default: the data set's dataset.json "
                              "says, else clinical)")
+    parser.add_argument("--overlap", type=overlap_argument, metavar="FRACTION",
+                        help="the written model's sliding-window overlap, a fraction of a patch "
+                             "(default: the model's own; 0.25 segments in about half the time of "
+                             "0.5); the fingerprint is measured with windows overlapping by at "
+                             "least half a patch either way")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--json-progress", action="store_true", help="progress as JSON lines on stdout")
 
@@ -61,6 +68,8 @@ def run(args) -> int:
     with reported_run(printer):
         device = resolve_device(args.device)
         model = load_model(args.model, device)
+        if args.overlap is not None:
+            model.config.inference.overlap = args.overlap
         dataset = read_dataset(args.dataset)
         train_cases, val_cases = split_for(model, dataset, args)
 

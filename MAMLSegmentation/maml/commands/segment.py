@@ -25,8 +25,8 @@ def add_backend_option(parser) -> None:
 def add_overlap_option(parser) -> None:
     parser.add_argument("--overlap", type=overlap_argument, metavar="FRACTION",
                         help="how far sliding windows overlap, a fraction of a patch (default: the "
-                             "model's own, the one its out-of-distribution check was calibrated "
-                             "with; smaller is faster: 0.25 needs about half the windows of 0.5)")
+                             "model's own, see maml info; smaller is faster: 0.25 needs about half "
+                             "the windows of 0.5)")
 
 
 def overlap_argument(text: str) -> float:
