@@ -37,6 +37,8 @@ def check_overlap(value: float, what: str, error=ModelError) -> float:
     if not 0.0 <= float(value) <= 0.95:
         raise error(f"{what} {value} is not a fraction of a patch between 0 and 0.95 (0.5: half a patch)")
     return float(value)
+
+
 # Run options named here, where the command line reads them without loading the modules that do
 # the work (maml.registration, maml.backends).
 REGISTRATION_PRESETS = ("none", "rigid", "affine", "deformable")  # deformable = rigid then B-spline

@@ -3,9 +3,9 @@
 Windows overlap by a fraction of a patch (the model's own; half by default) and are blended with a
 Gaussian importance map (sigma = patch / 8); class probabilities and attention heatmaps are
 accumulated at the model's resolution, so memory grows with the resampled volume, never with the
-number of windows. Window placement, zero padding, the
-Gaussian (peak at voxel ``patch // 2``, cut at 4 sigma) and the mirroring are those of nnU-Net v2's
-predictor; models imported from nnU-Net also blend logits as it does (``InferenceConfig.blend``).
+number of windows. Window placement, zero padding, the Gaussian (peak at voxel ``patch // 2``, cut
+at 4 sigma) and the mirroring are those of nnU-Net v2's predictor; models imported from nnU-Net
+also blend logits as it does (``InferenceConfig.blend``).
 """
 
 from __future__ import annotations
@@ -408,9 +408,10 @@ def predict_case(
         # Imported nnU-Net models blend logits per fold as nnU-Net does; the exported network
         # gives probabilities only, so they run in torch.
         engine = "torch"
+    if overlap is None:
+        overlap = model.config.inference.overlap
     options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=str(torch_device),
-                                   batch_size=batch_size,
-                                   overlap=model.config.inference.overlap if overlap is None else overlap,
+                                   batch_size=batch_size, overlap=overlap,
                                    mirror_axes=model.config.inference.mirror_axes,
                                    blend=model.config.inference.blend,
                                    align=window_alignment(model.config),
