@@ -16,8 +16,8 @@ def configure(parser):
                         "segmented with the fused head and with each phase's own head")
     parser.add_argument("--register", default="deformable",
                         help="with --model: align phases that are not on the label grid: none, rigid, "
-                             "affine, deformable (elastix; default) or transforms (the data set's "
-                             "transform files, e.g. a phantom's true motion)")
+                             "affine, deformable (default; SimpleITK, as maml segment) or transforms "
+                             "(the data set's transform files, e.g. a phantom's true motion)")
     parser.add_argument("--heads", nargs="+", help="with --model: heads to score: fused, a phase's "
                         "name (its own head), or ensemble (the mean of the phase heads' probabilities, "
                         "for a model trained with --joint-weight 0); default: fused and every phase")
