@@ -274,7 +274,6 @@ def test_ensemble_head_is_the_mean_of_the_phase_heads_probabilities(tmp_path):
     assert results["ensemble"].summary["liver"]["dice"]["n"] == 1
 
 
-
 def test_result_paths_append_to_a_name_with_dots():
     from maml.evaluation.results import result_paths
 

@@ -392,12 +392,17 @@ def finished_arm(arm: Arm, work: Path) -> bool:
     shutil.rmtree(work / arm.name, ignore_errors=True)
     if arm.kind == "nnunet":
         for folder in (work / "nnunet" / "results").glob(f"Dataset{DATASET_IDS[arm.name]:03d}_*"):
-            model = folder / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_all"
+            model = nnunet_model(folder) / "fold_all"
             if (model / "checkpoint_latest.pth").is_file() or (model / "checkpoint_final.pth").is_file():
                 arm.trained_seconds_before = nnunet_epoch_seconds(model)  # nnU-Net continues it
             else:
                 shutil.rmtree(folder, ignore_errors=True)
     return False
+
+
+def nnunet_model(results_dataset: Path) -> Path:
+    """nnU-Net's model folder for the budget's trainer and plans in a data set's results folder."""
+    return results_dataset / f"{TRAINER}__{PLANS}__3d_fullres"
 
 
 def nnunet_epoch_seconds(model: Path) -> float:
@@ -439,7 +444,7 @@ def run_nnunet_arm(arm: Arm, work: Path, budget_file: Path, test_cases: list[str
     arm.train_seconds = (run_logged(train, log, env, f"arm {arm.name}: nnU-Net training")
                          + (arm.trained_seconds_before or 0.0))
     raw_name = next((work / "nnunet" / "raw").glob(f"Dataset{dataset_id}_*")).name
-    model = work / "nnunet" / "results" / raw_name / f"{TRAINER}__{PLANS}__3d_fullres"
+    model = nnunet_model(work / "nnunet" / "results" / raw_name)
     inputs = nnunet_test_inputs(work / "test", work / arm.name / "input", arm, test_cases)
     prediction = work / arm.name / "prediction"
     prediction.mkdir()

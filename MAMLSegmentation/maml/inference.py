@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DEFAULT_OVERLAP
 from .errors import CancelledError, InputError
 from .network import FoldEnsemble, MAMLNet, WindowOutput, pool_bottleneck
 
@@ -36,7 +37,7 @@ CancelCheck = Callable[[], bool]
 @dataclass
 class SlidingWindowOptions:
     patch_size: Sequence[int]
-    overlap: float = 0.5
+    overlap: float = DEFAULT_OVERLAP
     sigma_scale: float = 1.0 / 8
     batch_size: int = 2
     mirror: bool = False  # test-time augmentation: every combination of flips of mirror_axes

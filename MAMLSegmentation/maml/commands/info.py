@@ -47,9 +47,11 @@ def run(args) -> int:
 
 
 def _describe_inference(settings: dict, ensemble_size: int) -> str:
+    from ..config import DEFAULT_OVERLAP
+
     blend = settings.get("blend", "probabilities")
     axes = settings.get("mirror_axes", [0, 1, 2])
-    parts = [f"windows overlap by {settings.get('overlap', 0.5):g} of a patch", f"blends {blend}",
+    parts = [f"windows overlap by {settings.get('overlap', DEFAULT_OVERLAP):g} of a patch", f"blends {blend}",
              "mirroring (with --tta) flips axes " + (", ".join("zyx"[a] for a in axes) or "none")]
     if ensemble_size > 1:
         parts.append(f"ensemble of {ensemble_size} networks (e.g. folds), averaged")

@@ -16,6 +16,7 @@ import numpy as np
 from ..domain import (FINGERPRINT_VERSION, body_percentiles, body_windows, case_distances,
                      feature_statistics, geometry_of, internal_air_offset_mm, label_volume_ml,
                      mahalanobis, percentiles_of)
+from ..config import DEFAULT_OVERLAP
 from ..errors import InputError
 from ..model import LoadedModel
 
@@ -55,8 +56,6 @@ def fingerprint_overlap(config) -> float:
     model's own overlap: with a quarter the bundled model's training statistics came from 454
     windows instead of 1,051 and its feature distance refused 2 of the 7 unlike inputs instead of 4
     (``benchmarks/domain_check.py``; unseen phantoms passed either way, 2026-11-30)."""
-    from ..config import DEFAULT_OVERLAP
-
     return max(float(config.inference.overlap), DEFAULT_OVERLAP)
 
 
