@@ -185,10 +185,11 @@ def test_backend_choice():
         resolve_backend("openvino", torch.device("cuda"))
     with pytest.raises(InputError, match="not one of"):
         resolve_backend("tensorrt", cpu)
-    assert resolve_engine("auto", "openvino") == (cpu, "openvino")
+    assert resolve_engine("auto", "openvino") == ("cpu", "openvino")
+    assert resolve_engine("cpu", "auto") == ("cpu", "openvino")
     model = load_model(DEMO_MODEL)
-    assert inference_network(model, "torch", cpu) is model.network
-    assert inference_network(model, "openvino", cpu) is inference_network(model, "openvino", cpu)
+    assert inference_network(model, "torch") is model.network
+    assert inference_network(model, "openvino") is inference_network(model, "openvino")
 
 
 def test_without_openvino_auto_is_torch_and_openvino_is_a_clear_error():
@@ -213,3 +214,41 @@ def test_segment_command_reports_its_backend(backend, tmp_path):
         capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "stats.json").read_text())["backend"] == backend
+
+
+def _imports_torch(importtime_log: str) -> bool:
+    """Whether a ``python -X importtime`` log shows torch imported."""
+    return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in importtime_log.splitlines())
+
+
+def test_a_segment_from_the_cache_never_imports_torch(tmp_path):
+    """The first run fills the cache (model description, converted network); the second reads
+    them back without importing torch, and writes the same results."""
+    paths = write_tiny_case(tmp_path)
+    model = save_tiny_liver_model(tmp_path / "model.pt")
+    env = dict(os.environ, MAML_CACHE=str(tmp_path / "cache"))
+    runs = []
+    for name in ("first", "second"):
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "maml.cli", "segment",
+             "--phase", f"arterial={paths['arterial']}", "--phase", f"venous={paths['venous']}",
+             "--model", str(model), "--register", "none", "--no-overview", "--device", "cpu",
+             "--backend", "openvino", "--out", str(tmp_path / name)],
+            capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(result)
+    assert _imports_torch(runs[0].stderr)  # converting needs torch
+    assert not _imports_torch(runs[1].stderr)
+    for output in ("segmentation.nii.gz", "uncertainty.nii.gz", "attention_venous.nii.gz"):
+        first, second = (sitk_array(tmp_path / name / output) for name in ("first", "second"))
+        np.testing.assert_array_equal(first, second)
+    stats = [json.loads((tmp_path / name / "stats.json").read_text()) for name in ("first", "second")]
+    checks = [[(c["name"], c["status"]) for c in run["domain_check"]["checks"]] for run in stats]
+    assert checks[0] == checks[1]
+    assert stats[1]["model"]["sha256"] == stats[0]["model"]["sha256"]
+
+
+def sitk_array(path):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))

@@ -58,17 +58,17 @@ def test_small_volume_is_padded_and_cropped_back(net):
 def test_padding_holds_air_for_maml_models_and_zero_for_nnunet_ones(net):
     from maml.inference import _pad_to_patch, padding_of
 
-    data = torch.as_tensor(np.random.default_rng(4).normal(size=(2, 5, 11, 9)).astype(np.float32))
+    data = np.random.default_rng(4).normal(size=(2, 5, 11, 9)).astype(np.float32)
     data[1] -= 3.0
     padded, crop = _pad_to_patch(data, PATCH, pad_with="air")
-    assert tuple(padded.shape) == (2, 8, 16, 16)
-    assert torch.equal(padded[(slice(None), *crop)], data)
-    outside = torch.ones(padded.shape[1:], dtype=torch.bool)
+    assert padded.shape == (2, 8, 16, 16)
+    np.testing.assert_array_equal(padded[(slice(None), *crop)], data)
+    outside = np.ones(padded.shape[1:], dtype=bool)
     outside[tuple(crop)] = False
     for channel in range(2):  # each phase's own lowest value, not the normalised mean 0
-        assert torch.allclose(padded[channel][outside], data[channel].min())
+        np.testing.assert_allclose(padded[channel][outside], data[channel].min())
     zero, _ = _pad_to_patch(data, PATCH, pad_with="zero")
-    assert torch.all(zero[0][outside] == 0)
+    assert np.all(zero[0][outside] == 0)
     config = tiny_config()
     assert padding_of(config) == "air"
     config.inference.blend = "logits"  # an imported nnU-Net model's inference
@@ -113,7 +113,7 @@ def test_gaussian_and_window_starts_equal_nnunets():
 
     for patch in [(16, 32, 32), (8, 16, 16), (20, 40, 36), (5, 7, 9)]:
         theirs = compute_gaussian(patch, 1 / 8, 10, device=torch.device("cpu")).float()
-        np.testing.assert_array_equal((gaussian_importance(patch, 1 / 8) * 10).numpy(), theirs.numpy())
+        np.testing.assert_array_equal(gaussian_importance(patch, 1 / 8) * 10, theirs.numpy())
     for size, patch in [((40, 80, 80), (16, 32, 32)), ((37, 101, 64), (16, 32, 32)), ((16, 33, 90), (16, 32, 32))]:
         assert [window_starts(s, p, 0.5) for s, p in zip(size, patch)] == \
             compute_steps_for_sliding_window(size, patch, 0.5)

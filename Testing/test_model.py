@@ -106,3 +106,62 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("maml ")
+
+
+def test_a_lazy_load_reads_the_cached_description_and_loads_the_network_on_use(tmp_path, monkeypatch):
+    import numpy as np
+
+    from maml.model import description_file
+
+    monkeypatch.setenv("MAML_CACHE", str(tmp_path / "cache"))
+    config = tiny_config()
+    net = MAMLNet(config).eval()
+    statistics = {"mean": torch.arange(4, dtype=torch.float64) / 3, "precision": torch.eye(4) * 0.1}
+    metadata = {"epochs": 3, "feature_statistics": {"venous": statistics}}  # tensors, as a fingerprint's
+    path = save_checkpoint(tmp_path / "model.pt", net, config, metadata)
+
+    first = load_model(path, lazy=True)  # reads the checkpoint, describes it for the next time
+    assert first.network_loaded and description_file(first.sha256).is_file()
+    second = load_model(path, lazy=True)
+    assert not second.network_loaded
+    assert second.config.to_dict() == first.config.to_dict() and second.sha256 == first.sha256
+    cached = second.metadata["feature_statistics"]["venous"]
+    for key in ("mean", "precision"):
+        np.testing.assert_array_equal(cached[key], statistics[key].numpy())
+        assert cached[key].dtype == statistics[key].numpy().dtype
+    assert second.metadata["epochs"] == 3 and second.network_class == "MAMLNet"
+    x = torch.randn(1, 2, 8, 16, 16)
+    assert torch.equal(second.network.predict(x)[0], net.predict(x)[0])  # loaded now
+    assert second.network_loaded
+
+
+def test_a_damaged_or_stale_description_is_never_trusted(tmp_path, monkeypatch):
+    from maml.model import description_file
+
+    monkeypatch.setenv("MAML_CACHE", str(tmp_path / "cache"))
+    config = tiny_config()
+    path = save_checkpoint(tmp_path / "model.pt", MAMLNet(config).eval(), config, {"epochs": 3})
+    digest = load_model(path, lazy=True).sha256
+    entry = description_file(digest)
+    entry.write_text(entry.read_text().replace('"epochs": 3', '"epochs": 4'))  # still valid JSON
+    reloaded = load_model(path, lazy=True)
+    assert reloaded.network_loaded and reloaded.metadata["epochs"] == 3  # read from the checkpoint
+    assert load_model(path, lazy=True).metadata["epochs"] == 3  # and the entry written again
+    entry.write_text('{"format": 1, "sha2')
+    assert load_model(path, lazy=True).network_loaded
+
+    # The checkpoint replaced by another: another sha256, another description.
+    save_checkpoint(path, MAMLNet(config).eval(), config, {"epochs": 5})
+    changed = load_model(path, lazy=True)
+    assert changed.sha256 != digest and changed.metadata["epochs"] == 5
+
+
+def test_a_checkpoint_replaced_before_its_network_is_loaded_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAML_CACHE", str(tmp_path / "cache"))
+    config = tiny_config()
+    path = save_checkpoint(tmp_path / "model.pt", MAMLNet(config).eval(), config, {"epochs": 3})
+    load_model(path, lazy=True)
+    described = load_model(path, lazy=True)
+    save_checkpoint(path, MAMLNet(config).eval(), config, {"epochs": 5})
+    with pytest.raises(ModelError, match="changed while it was in use"):
+        described.network

@@ -6,13 +6,19 @@ per weights, phase subset and window shape, and the converted model is kept in a
 (:func:`cache_root`) with the network compiled for this processor, so later runs only read it back
 (about a fifth of a second).
 
+A run that finds its network in the cache never imports torch (about 3 s of a 20 s case): the
+model's configuration and metadata come from their own cache entry (:func:`maml.model.load_model`
+with ``lazy``), the sliding window sums numpy arrays, and device "auto" is the CPU without asking
+torch where no GPU driver is installed (:func:`gpu_driver_present`).
+
 A backend is anything with ``phases``, ``num_classes`` and ``predict(x, phases) -> WindowOutput``,
-like :class:`maml.network.MAMLNet`; :func:`maml.inference.sliding_window_predict` runs either.
+like :class:`maml.network.MAMLNet`; :func:`maml.inference.sliding_window_predict` runs either
+(numpy batches for a backend whose ``takes_numpy`` is true, torch tensors otherwise).
 """
 
 from __future__ import annotations
 
-import functools
+import ctypes.util
 import hashlib
 import importlib.util
 import io
@@ -21,22 +27,20 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 import weakref
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from .config import BACKENDS
 from .errors import InputError, ModelError
+from .inference import WindowOutput
 from .io import write_bytes_atomic
-from .network import WindowOutput
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .model import LoadedModel
 
 # Bump when the exported graph changes for the same weights (wrapper, outputs): old entries are
@@ -52,17 +56,31 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """"torch" or "openvino" for a requested backend on a resolved torch device.
+def gpu_driver_present() -> bool:
+    """Whether this computer could have a GPU that torch runs on: an NVIDIA driver (or AMD's ROCm,
+    which torch serves as "cuda"). Where there is none, torch.cuda cannot be available, so device
+    "auto" is the CPU without importing torch (about 3 s of a run)."""
+    if sys.platform == "darwin":
+        return False
+    if sys.platform == "win32":
+        return ctypes.util.find_library("nvcuda") is not None
+    return (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/kfd")
+            or ctypes.util.find_library("cuda") is not None)
+
+
+def resolve_backend(name: str, device) -> str:
+    """"torch" or "openvino" for a requested backend on a resolved device ("cpu", "cuda", "cuda:1"
+    or the torch.device of one).
 
     auto: torch on CUDA, OpenVINO on the CPU when it is installed, torch otherwise.
     """
+    device = str(device)
     if name not in BACKENDS:
         raise InputError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "openvino" if device.type == "cpu" and openvino_available() else "torch"
+        return "openvino" if device == "cpu" and openvino_available() else "torch"
     if name == "openvino":
-        if device.type != "cpu":
+        if device != "cpu":
             raise InputError(f"the openvino backend runs on the CPU, not on {device}: use --device cpu "
                              "or --backend torch")
         if not openvino_available():
@@ -70,15 +88,29 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_engine(device: str, backend: str) -> tuple[torch.device, str]:
-    """The torch device and the resolved backend for a requested device and backend; asking for
-    OpenVINO with device "auto" runs on the CPU even where a GPU is."""
-    from .inference import resolve_device
-
-    if backend == "openvino" and device == "auto":
+def resolve_engine(device: str, backend: str) -> tuple[str, str]:
+    """The resolved device ("cpu", "cuda", "cuda:1") and backend for a requested device and backend;
+    asking for OpenVINO with device "auto" runs on the CPU even where a GPU is. Torch is imported
+    only when it decides (a GPU driver is present, or torch is asked for)."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if device == "auto" and (backend == "openvino" or not gpu_driver_present()):
         device = "cpu"
-    resolved = resolve_device(device)
-    return resolved, resolve_backend(backend, resolved)
+    if device != "cpu":
+        from .inference import resolve_device
+
+        device = str(resolve_device(device))
+    return device, resolve_backend(backend, device)
+
+
+def default_threads() -> int | None:
+    """The threads OpenVINO runs with: torch's setting when torch is loaded (the suite and the
+    benchmarks set it), else ``OMP_NUM_THREADS`` when set, else None (OpenVINO's own choice: the
+    physical cores, as torch's default)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def cache_root() -> Path:
@@ -93,15 +125,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maml"
 
 
-def weights_sha256(network: nn.Module) -> str:
-    """A digest of a network's class and weights, for networks that do not come from a file."""
-    digest = hashlib.sha256(type(network).__qualname__.encode())
-    for key, value in network.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
@@ -110,83 +133,54 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _staged_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over the spatial axes (2, 3, 4), one axis at a time.
-
-    OpenVINO's CPU plugin sums a whole channel in one float32 accumulator; over a window with large
-    uniform regions (air, padding) the rounding errors add up instead of cancelling, and InstanceNorm
-    outputs drift by up to 1e-2 (probabilities by up to 0.1 after the network). Summing 32-128 values
-    per step keeps the error at float32's level. The exact scalings by 2 between the steps keep
-    OpenVINO from merging the steps back into one reduction."""
-    return (x.mean(4, keepdim=True) * 2.0).mean(3, keepdim=True).mul(0.25).mean(2, keepdim=True) * 2.0
-
-
-def _accurate_instance_norm(norm: nn.modules.instancenorm._InstanceNorm, x: torch.Tensor) -> torch.Tensor:
-    """InstanceNorm (no running statistics) with staged means: what is exported for OpenVINO."""
-    centred = x - _staged_mean(x)
-    y = centred * torch.rsqrt(_staged_mean(centred * centred) + norm.eps)
-    if norm.affine:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        y = y * norm.weight.view(shape) + norm.bias.view(shape)
-    return y
-
-
-@contextmanager
-def _exportable_norms(network: nn.Module):
-    """Every InstanceNorm of ``network`` computes as :func:`_accurate_instance_norm` while inside."""
-    norms = [m for m in network.modules()
-             if isinstance(m, nn.modules.instancenorm._InstanceNorm) and not m.track_running_stats]
-    for norm in norms:
-        norm.forward = functools.partial(_accurate_instance_norm, norm)
-    try:
-        yield
-    finally:
-        for norm in norms:
-            del norm.forward
-
-
-class _PredictGraph(nn.Module):
-    """What is exported: ``network.predict(x, phases)`` for one phase subset, its outputs that are
-    not None as a tuple (``fields`` records which they are). Any module with MAMLNet's ``predict``
-    (an ensemble too) exports so."""
-
-    def __init__(self, network: nn.Module, phases: Sequence[str]):
-        super().__init__()
-        self.network = network
-        self.phases = list(phases)
-        self.fields: list[str] = []
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.network.predict(x, self.phases)
-        self.fields = [name for name, value in zip(WindowOutput._fields, out) if value is not None]
-        return tuple(value for value in out if value is not None)
-
-
 class OpenVINONetwork:
-    """``network`` compiled by OpenVINO for the CPU, with MAMLNet's ``predict``.
+    """A network compiled by OpenVINO for the CPU, with MAMLNet's ``predict`` on numpy batches.
 
-    One compiled model per phase subset and window shape, each exported on first use (or read from
-    the cache). Batches run window by window (static batch 1: no padding of a last, smaller batch).
-    ``weights_key``: the checkpoint's sha256 (default: a digest of the weights).
+    ``source``: a torch network, or a :class:`~maml.model.LoadedModel`, whose torch network is then
+    loaded only if a cache entry has to be made (a run from the cache never imports torch). One
+    compiled model per phase subset and window shape, each converted on first use or read from the
+    cache. Batches run window by window (static batch 1: no padding of a last, smaller batch).
+    ``weights_key``: the checkpoint's sha256 (default: the model's, else a digest of the weights).
     """
 
-    def __init__(self, network: nn.Module, weights_key: str | None = None,
+    takes_numpy = True  # sliding_window_predict feeds numpy batches and keeps numpy sums
+
+    def __init__(self, source: "nn.Module | LoadedModel", weights_key: str | None = None,
                  threads: int | None = None, cache: Path | None = None):
         import openvino as ov
 
+        from .model import LoadedModel
+
         self._ov = ov
-        self.network = network
-        self.phases = list(network.phases)
-        self.num_classes = network.num_classes
-        self.weights_key = weights_key or weights_sha256(network)
-        self.threads = threads or torch.get_num_threads()
+        if isinstance(source, LoadedModel):
+            self._model, self._network = source, None
+            self.phases = list(source.config.phases)
+            self.num_classes = source.config.num_classes
+            self.network_class = source.network_class
+            weights_key = weights_key or source.sha256
+        else:
+            self._model, self._network = None, source
+            self.phases = list(source.phases)
+            self.num_classes = source.num_classes
+            self.network_class = type(source).__qualname__
+        if weights_key is None:
+            from .openvino_export import weights_sha256
+
+            weights_key = weights_sha256(self.network)
+        self.weights_key = weights_key
+        self.threads = threads or default_threads()
         self.cache = Path(cache) if cache is not None else cache_root() / "openvino"
         self._compiled: dict[tuple, tuple[object, list[str]]] = {}
+
+    @property
+    def network(self) -> "nn.Module":
+        """The torch network (loaded from the model's file on first use)."""
+        return self._network if self._network is not None else self._model.network
 
     # ---------------------------------------------------------------------------------- cache
     def entry_description(self, phases: Sequence[str], window: Sequence[int]) -> dict:
         return {"format": EXPORT_FORMAT, "openvino": self._ov.get_version(),
-                "weights_sha256": self.weights_key, "network": type(self.network).__qualname__,
+                "weights_sha256": self.weights_key, "network": self.network_class,
                 "phases": list(phases), "input_shape": [1, *map(int, window)]}
 
     def entry_folder(self, description: dict) -> Path:
@@ -209,20 +203,9 @@ class OpenVINONetwork:
                 description: dict) -> dict:
         """Converts the network into a temporary folder beside the entry, then renames it into place
         (another process converting the same entry at once is harmless: one rename wins)."""
-        ov = self._ov
-        example = torch.zeros((1, *map(int, window)), dtype=torch.float32)
-        was_training = self.network.training
-        graph = _PredictGraph(self.network, phases).eval()
-        try:
-            with torch.no_grad(), _exportable_norms(self.network), warnings.catch_warnings():
-                # The network's shape checks become constants of the trace: the shape is fixed.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                # check_trace=False: the check re-runs the network twice for nothing (eval mode).
-                traced = torch.jit.trace(graph, example, check_trace=False)
-            model = ov.convert_model(traced, example_input=example)
-        finally:
-            self.network.train(was_training)
-        model.reshape({model.inputs[0]: ov.PartialShape(list(example.shape))})
+        from .openvino_export import convert_network
+
+        model, fields = convert_network(self.network, phases, window)
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
             temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=self.cache))
@@ -231,8 +214,8 @@ class OpenVINONetwork:
                              f"{error.strerror or error}; set MAML_CACHE to a writable folder or use "
                              "--backend torch") from None
         try:
-            ov.save_model(model, temporary / MODEL_FILES[0], compress_to_fp16=False)
-            record = dict(description, fields=graph.fields,
+            self._ov.save_model(model, temporary / MODEL_FILES[0], compress_to_fp16=False)
+            record = dict(description, fields=fields,
                           sha256={name: _file_sha256(temporary / name) for name in MODEL_FILES})
             (temporary / ENTRY_FILE).write_text(json.dumps(record, indent=1))
             if folder.exists():  # a broken entry (a sound one would have been used)
@@ -266,8 +249,9 @@ class OpenVINONetwork:
         that is whole (our own sha256 of it matches) and imports, else compiled from the model files
         and the blob written for the next process. Importing takes a fifth of compiling."""
         core = self._ov.Core()
-        config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_PRECISION_HINT": "f32"}
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
         # A blob holds kernels chosen for one processor, thread count and OpenVINO version.
         target = {"config": config, "openvino": self._ov.get_version(),
                   "cpu": core.get_property("CPU", "FULL_DEVICE_NAME")}
@@ -293,33 +277,38 @@ class OpenVINONetwork:
         return compiled
 
     # ---------------------------------------------------------------------------------- inference
-    def predict(self, x: torch.Tensor, phases: Sequence[str] | None = None) -> WindowOutput:
-        """As :meth:`maml.network.MAMLNet.predict`, for a (B, P, z, y, x) batch on the CPU."""
+    def predict(self, x: np.ndarray, phases: Sequence[str] | None = None) -> WindowOutput:
+        """As :meth:`maml.network.MAMLNet.predict`, for a (B, P, z, y, x) numpy batch; numpy out."""
         phases = list(self.phases) if phases is None else list(phases)
         request, fields = self.prepare(phases, x.shape[1:])
-        array = x.detach().float().cpu().numpy()
-        outputs: dict[str, list[torch.Tensor]] = {name: [] for name in fields}
-        for sample in array:
+        outputs: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+        for sample in np.asarray(x, dtype=np.float32):
             request.infer({0: np.ascontiguousarray(sample[None])})
             for index, name in enumerate(fields):
-                outputs[name].append(torch.from_numpy(request.get_output_tensor(index).data.copy()))
-        return WindowOutput(**{name: torch.cat(outputs[name]) if name in outputs else None
+                outputs[name].append(request.get_output_tensor(index).data.copy())
+        return WindowOutput(**{name: np.concatenate(outputs[name]) if name in outputs else None
                                for name in WindowOutput._fields})
 
 
-def inference_network(model: "LoadedModel", backend: str, device: torch.device):
-    """The network that runs inference for ``model``: the torch module or its OpenVINO version.
+def inference_network(model: "LoadedModel", backend: str):
+    """What runs inference for ``model``: its torch network, or its OpenVINO version (which loads
+    the torch network only to fill the cache).
 
     ``backend`` is already resolved ("torch" or "openvino", see :func:`resolve_backend`).
     """
     if backend == "torch":
         return model.network
-    key = model.sha256 or weights_sha256(model.network)
-    compiled = _OPENVINO_NETWORKS.get(model.network)
+    if model.sha256:
+        key = model.sha256
+    else:  # a model made in memory (training): its weights may have changed since
+        from .openvino_export import weights_sha256
+
+        key = weights_sha256(model.network)
+    compiled = _OPENVINO_NETWORKS.get(model)
     if compiled is None or compiled.weights_key != key:
-        compiled = _OPENVINO_NETWORKS[model.network] = OpenVINONetwork(model.network, key)
+        compiled = _OPENVINO_NETWORKS[model] = OpenVINONetwork(model, key)
     return compiled
 
 
-# One OpenVINONetwork per torch network, so that its compiled models serve every case of a batch.
-_OPENVINO_NETWORKS: "weakref.WeakKeyDictionary[nn.Module, OpenVINONetwork]" = weakref.WeakKeyDictionary()
+# One OpenVINONetwork per model, so that its compiled models serve every case of a batch.
+_OPENVINO_NETWORKS: "weakref.WeakKeyDictionary[LoadedModel, OpenVINONetwork]" = weakref.WeakKeyDictionary()

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import itertools
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .config import DEFAULT_OVERLAP
 from .errors import CancelledError, InputError
-from .network import FoldEnsemble, MAMLNet, WindowOutput, pool_bottleneck
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
+    import torch
 
     from .model import LoadedModel
+    from .network import MAMLNet
 
 ProgressCallback = Callable[[float], None]
 CancelCheck = Callable[[], bool]
@@ -51,8 +49,10 @@ class SlidingWindowOptions:
     pad_with: str = "zero"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto") -> "torch.device":
     """"auto" takes CUDA when available, else the CPU; "cuda" without a GPU is an input error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -62,7 +62,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+class WindowOutput(NamedTuple):
+    """What inference takes from one batch of windows (:meth:`maml.network.MAMLNet.predict`): torch
+    tensors from a torch network, numpy arrays from a backend that takes numpy (``takes_numpy``).
+
+    probabilities: (B, K, ...) of the fused head, or of the one present phase's head (the mean of
+    the present heads' when two or more of N > 2 phases are given).
+    heatmaps: (B, P, ...) channel-mean attention per phase, fused head only, else None.
+    disagreement: (B, 1, ...) in [0, 1], the mean Jensen-Shannon divergence between the fused head
+    and each phase's own head (in bits), fused head only, else None.
+    bottleneck: (B, P, 2C) each present phase's deepest encoder features pooled over the window
+    (:func:`maml.network.pool_bottleneck`): what the out-of-distribution check measures distances on.
+    logits: (B, K, ...) the logits whose softmax ``probabilities`` is (for a mean of heads, the
+    mean of their logits), for models that blend logits as nnU-Net does (``InferenceConfig``).
+    """
+
+    probabilities: Any
+    heatmaps: Any | None
+    disagreement: Any | None
+    bottleneck: Any
+    logits: Any | None = None
+
+
+def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
     """nnU-Net v2's importance map, value for value (its ``compute_gaussian``): a unit impulse at
     voxel ``size // 2`` of each axis smoothed by a Gaussian of sigma = size * sigma_scale cut at 4
     sigma (scipy's ``gaussian_filter`` with zero borders), scaled to a maximum of 10, in float16;
@@ -72,19 +94,19 @@ def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> 
     axes = []
     for size in patch_size:
         sigma = max(size * sigma_scale, 1e-3)
-        coords = torch.arange(size, dtype=torch.float64) - size // 2
-        axis = torch.exp(-0.5 * (coords / sigma) ** 2)
-        axis[coords.abs() > int(4 * sigma + 0.5)] = 0
+        coords = np.arange(size, dtype=np.float64) - size // 2
+        axis = np.exp(-0.5 * (coords / sigma) ** 2)
+        axis[np.abs(coords) > int(4 * sigma + 0.5)] = 0
         axes.append(axis)
     weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    weight = (weight / (weight.max() / 10)).half()
+    weight = (weight / (weight.max() / 10)).astype(np.float16)
     weight[weight == 0] = weight[weight > 0].min()
     return weight
 
 
-def gaussian_importance(patch_size: Sequence[int], sigma_scale: float) -> torch.Tensor:
+def gaussian_importance(patch_size: Sequence[int], sigma_scale: float) -> np.ndarray:
     """:func:`nnunet_gaussian` as float32 with a maximum of 1 (the scale cancels in the blend)."""
-    return nnunet_gaussian(patch_size, sigma_scale).float() / 10
+    return nnunet_gaussian(patch_size, sigma_scale).astype(np.float32) / np.float32(10)
 
 
 def window_starts(size: int, patch: int, overlap: float, align: int = 1) -> list[int]:
@@ -107,12 +129,14 @@ def window_starts(size: int, patch: int, overlap: float, align: int = 1) -> list
     return sorted(set(starts))
 
 
-def _pad_to_patch(data: torch.Tensor, patch: Sequence[int], align: Sequence[int] = (1, 1, 1),
-                  pad_with: str = "zero") -> tuple[torch.Tensor, list[slice]]:
-    """Pads (P, z, y, x) up to the patch size (symmetrically), and at the end so that size - patch
-    is a multiple of ``align`` (every window start aligned). ``pad_with`` "zero" (the normalised
-    foreground mean: nnU-Net's predictor) or "air" (each channel's lowest value, as training pads:
-    zeros would show the network a frame of liver-like intensity at the volume's edge)."""
+def _pad_to_patch(data, patch: Sequence[int], align: Sequence[int] = (1, 1, 1),
+                  pad_with: str = "zero") -> tuple[np.ndarray, list[slice]]:
+    """(P, z, y, x) as float32 numpy, padded up to the patch size (symmetrically), and at the end so
+    that size - patch is a multiple of ``align`` (every window start aligned). ``pad_with`` "zero"
+    (the normalised foreground mean: nnU-Net's predictor) or "air" (each channel's lowest value, as
+    training pads: zeros would show the network a frame of liver-like intensity at the volume's
+    edge)."""
+    data = np.asarray(data, dtype=np.float32)
     pads, crop = [], []
     for size, p, a in zip(data.shape[1:], patch, align):
         total = max(p - size, 0)
@@ -120,16 +144,14 @@ def _pad_to_patch(data: torch.Tensor, patch: Sequence[int], align: Sequence[int]
         after = total - before + (-(size + total - p)) % max(int(a), 1)
         pads.append((before, after))
         crop.append(slice(before, before + size))
-    flat = [v for pair in reversed(pads) for v in pair]
-    if not any(flat):
+    if not any(v for pair in pads for v in pair):
         return data, crop
+    shape = [data.shape[0], *(size + a + b for size, (a, b) in zip(data.shape[1:], pads))]
+    padded = np.zeros(shape, dtype=np.float32)
     if pad_with == "air":
-        air = data.amin(dim=tuple(range(1, data.ndim)), keepdim=True)
-        shape = [data.shape[0], *(size + a + b for size, (a, b) in zip(data.shape[1:], pads))]
-        padded = air.expand(shape).clone()
-        padded[(slice(None), *crop)] = data
-        return padded, crop
-    return F.pad(data, flat), crop
+        padded[:] = data.min(axis=tuple(range(1, data.ndim)), keepdims=True)
+    padded[(slice(None), *crop)] = data
+    return padded, crop
 
 
 def _mirror_axes(mirror: bool, axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]]:
@@ -141,13 +163,15 @@ def _mirror_axes(mirror: bool, axes: Sequence[int] = (0, 1, 2)) -> list[tuple[in
 
 
 @contextmanager
-def _inference_layout(net: MAMLNet):
+def _inference_layout(net: "MAMLNet"):
     """Eval mode and channels-last 3D weights for the duration of inference, then as before.
 
     Channels-last gives ~15 % faster convolutions on the CPU (oneDNN) and is the layout cuDNN's AMP
     kernels prefer. Only the memory layout changes, not a value; the caller's network (perhaps
     mid-training) gets its mode and layout back.
     """
+    import torch
+
     was_training = net.training
     net.eval().to(memory_format=torch.channels_last_3d)
     try:
@@ -156,17 +180,17 @@ def _inference_layout(net: MAMLNet):
         net.to(memory_format=torch.contiguous_format).train(was_training)
 
 
-def _predict_window(net: MAMLNet, batch: torch.Tensor, phases: Sequence[str], mirror: bool,
-                    mirror_axes: Sequence[int] = (0, 1, 2)) -> WindowOutput:
+def _predict_window(net, batch, phases: Sequence[str], mirror: bool,
+                    mirror_axes: Sequence[int] = (0, 1, 2), flip: Callable = np.flip) -> WindowOutput:
     """The mean of the network's outputs over the mirrored copies of the batch; the bottleneck
-    features are those of the unflipped batch (the out-of-distribution statistics are taken so)."""
+    features are those of the unflipped batch (the out-of-distribution statistics are taken so).
+    ``flip``: np.flip for numpy batches, torch.flip for tensors."""
     flips = _mirror_axes(mirror, mirror_axes)
-    total: list[torch.Tensor | None] | None = None
+    total: list | None = None
     bottleneck = None
     for axes in flips:
-        out = net.predict(torch.flip(batch, axes) if axes else batch, phases)
-        maps = [torch.flip(m, axes) if (axes and m is not None) else m
-                for m in (*out[:3], out.logits)]
+        out = net.predict(flip(batch, axes) if axes else batch, phases)
+        maps = [flip(m, axes) if (axes and m is not None) else m for m in (*out[:3], out.logits)]
         total = maps if total is None else [t + m if m is not None else None for t, m in zip(total, maps)]
         if bottleneck is None:
             bottleneck = out.bottleneck
@@ -193,9 +217,71 @@ class WindowedPrediction:
     logits: np.ndarray | None = None  # (K, z, y, x) when the options blend logits
 
 
+class _Arrays:
+    """Where a sliding-window pass keeps its sums: numpy for a backend that takes numpy batches
+    (OpenVINO: no torch is imported), else torch tensors on the network's device."""
+
+    def __init__(self, device: str, numpy: bool):
+        self.numpy = numpy
+        if numpy:
+            self.device = None
+            self.flip = np.flip
+            return
+        import torch
+
+        self.torch = torch
+        self.device = resolve_device(device)
+        self.flip = torch.flip
+
+    def zeros(self, shape, half: bool = False):
+        if self.numpy:
+            return np.zeros(shape, dtype=np.float16 if half else np.float32)
+        torch = self.torch
+        return torch.zeros(shape, dtype=torch.float16 if half else torch.float32, device=self.device)
+
+    def put(self, array: np.ndarray):
+        """A numpy array (the weight map, a batch of windows) where the sums are."""
+        return array if self.numpy else self.torch.from_numpy(array).to(self.device)
+
+    def as_float(self, value):
+        return value.astype(np.float32, copy=False) if self.numpy else value.float()
+
+    def to_numpy(self, value) -> np.ndarray:
+        return np.asarray(value, dtype=np.float32) if self.numpy else value.float().cpu().numpy()
+
+    def softmax(self, logits) -> np.ndarray:
+        """The softmax over the class axis (0) as float32 numpy."""
+        if not self.numpy:
+            return self.torch.softmax(logits.float().cpu(), 0).numpy()
+        shifted = logits.astype(np.float32) - logits.max(axis=0, keepdims=True)
+        np.exp(shifted, out=shifted)
+        shifted /= shifted.sum(axis=0, keepdims=True)
+        return shifted
+
+    def running(self, member):
+        """Inference mode, autocast on CUDA and the network's inference layout, while inside."""
+        if self.numpy:
+            return nullcontext()
+        torch = self.torch
+        stack = ExitStack()
+        # The layout change happens outside inference mode, so the weights stay usable for training.
+        if isinstance(member, torch.nn.Module):
+            stack.enter_context(_inference_layout(member))
+        stack.enter_context(torch.inference_mode())
+        if self.device.type == "cuda":
+            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        return stack
+
+    def batch(self, member, windows: list[np.ndarray]):
+        stacked = self.put(np.stack(windows))
+        if not self.numpy and isinstance(member, self.torch.nn.Module):
+            stacked = stacked.contiguous(memory_format=self.torch.channels_last_3d)
+        return stacked
+
+
 def sliding_window_predict(
-    net: MAMLNet,
-    data: np.ndarray | torch.Tensor,
+    net,
+    data: np.ndarray,
     phases: Sequence[str],
     options: SlidingWindowOptions,
     progress: ProgressCallback | None = None,
@@ -203,11 +289,13 @@ def sliding_window_predict(
     body: np.ndarray | None = None,
 ) -> WindowedPrediction:
     """Sliding-window inference of ``data`` (P, z, y, x), one normalised channel per present phase
-    in model order. ``body``: an optional (z, y, x) mask of the voxels inside the body, for each
-    window's body fraction. Cancellation is checked between window batches (``CancelledError``).
+    in model order. ``net``: a torch network (:class:`maml.network.MAMLNet` or an ensemble), or a
+    backend object with its ``predict`` (:mod:`maml.backends`; one whose ``takes_numpy`` is true
+    is fed numpy and torch is never imported). ``body``: an optional (z, y, x) mask of the voxels
+    inside the body, for each window's body fraction. Cancellation is checked between window
+    batches (``CancelledError``).
     """
-    device = resolve_device(options.device)
-    volume = torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float32)
+    volume = np.asarray(data, dtype=np.float32)
     if volume.ndim != 4:
         raise InputError(f"inference input must be (phases, z, y, x), got shape {tuple(volume.shape)}")
     patch = [int(p) for p in options.patch_size]
@@ -215,67 +303,58 @@ def sliding_window_predict(
     volume, crop = _pad_to_patch(volume, patch, align, options.pad_with)
     body_mask = None
     if body is not None:
-        body_mask, _ = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch,
-                                     align)
-        body_mask = body_mask[0]
+        body_mask = _pad_to_patch(np.asarray(body, dtype=np.float32)[None], patch, align)[0][0]
     shape = volume.shape[1:]
     starts = list(itertools.product(*(window_starts(s, p, options.overlap, a)
                                       for s, p, a in zip(shape, patch, align))))
-
-    # net: the torch module, or a backend object with its predict (maml.backends)
-    is_module = isinstance(net, nn.Module)
-    if is_module:
-        net = net.to(device)
-    weight = gaussian_importance(patch, options.sigma_scale).to(device)
+    arrays = _Arrays(options.device, bool(getattr(net, "takes_numpy", False)))
+    if not arrays.numpy and isinstance(net, arrays.torch.nn.Module):
+        net = net.to(arrays.device)
+    weight = arrays.put(gaussian_importance(patch, options.sigma_scale))
     fused = len(phases) == len(net.phases) > 1  # one phase: its own head, no fusion maps
     if options.blend not in ("probabilities", "logits"):
         raise InputError(f"blend {options.blend!r} is not 'probabilities' or 'logits'")
     blend_logits = options.blend == "logits"
     # nnU-Net's predictor runs a whole sliding window per fold and averages the folds' logits.
-    members = list(net.members) if blend_logits and isinstance(net, FoldEnsemble) else [net]
-    nnunet_weight = nnunet_gaussian(patch, options.sigma_scale).to(device) if blend_logits else None
-    probabilities = None if blend_logits else torch.zeros((net.num_classes, *shape), device=device)
+    members = list(net.members) if blend_logits and hasattr(net, "members") else [net]
+    nnunet_weight = arrays.put(nnunet_gaussian(patch, options.sigma_scale)) if blend_logits else None
+    probabilities = None if blend_logits else arrays.zeros((net.num_classes, *shape))
     logits = None
-    heatmaps = torch.zeros((len(phases), *shape), dtype=torch.float32, device=device) if fused else None
-    disagreement = torch.zeros((1, *shape), dtype=torch.float32, device=device) if fused else None
-    weight_sum = torch.zeros(shape, dtype=torch.float32, device=device)
+    heatmaps = arrays.zeros((len(phases), *shape)) if fused else None
+    disagreement = arrays.zeros((1, *shape)) if fused else None
+    weight_sum = arrays.zeros(shape)
     features, body_fraction = [], []
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
     steps = len(starts) * len(members)
 
     for index, member in enumerate(members):
         if blend_logits:
             # float16 sums with the float16 Gaussian (maximum 10), as nnU-Net v2 accumulates: its
             # rounding decides the last digits, and near window corners more than that.
-            member_logits = torch.zeros((net.num_classes, *shape), dtype=torch.float16, device=device)
-            member_weights = torch.zeros(shape, dtype=torch.float16, device=device)
+            member_logits = arrays.zeros((net.num_classes, *shape), half=True)
+            member_weights = arrays.zeros(shape, half=True)
         member_features = []
-        # The layout change happens outside inference mode, so the weights stay usable for training.
-        # (a backend object of maml.backends has no layout to change)
-        layout = _inference_layout(member) if isinstance(member, nn.Module) else nullcontext()
-        with layout, torch.inference_mode(), autocast:
+        with arrays.running(member):
             for first in range(0, len(starts), options.batch_size):
                 if cancel is not None and cancel():
                     raise CancelledError("inference cancelled")
                 group = starts[first:first + options.batch_size]
                 regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in group]
-                batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
-                if isinstance(member, nn.Module):
-                    batch = batch.contiguous(memory_format=torch.channels_last_3d)
-                out = _predict_window(member, batch, phases, options.mirror, options.mirror_axes)
+                batch = arrays.batch(member, [volume[(slice(None), *region)] for region in regions])
+                out = _predict_window(member, batch, phases, options.mirror, options.mirror_axes,
+                                      arrays.flip)
                 if blend_logits and out.logits is None:
                     raise InputError("this network gives no logits; blend probabilities instead")
-                member_features.append(out.bottleneck.float().cpu())
-                for i, region in enumerate(regions):  # in place: no temporaries per window
+                member_features.append(arrays.to_numpy(out.bottleneck))
+                for i, region in enumerate(regions):  # in place: no volume-sized temporaries
                     everything = (slice(None), *region)
                     if blend_logits:
-                        member_logits[everything] += out.logits[i].float() * nnunet_weight
+                        member_logits[everything] += arrays.as_float(out.logits[i]) * nnunet_weight
                         member_weights[region] += nnunet_weight
                     else:
-                        probabilities[everything].addcmul_(out.probabilities[i].float(), weight)
+                        probabilities[everything] += arrays.as_float(out.probabilities[i]) * weight
                     if heatmaps is not None:
-                        heatmaps[everything].addcmul_(out.heatmaps[i].float(), weight)
-                        disagreement[everything].addcmul_(out.disagreement[i].float(), weight)
+                        heatmaps[everything] += arrays.as_float(out.heatmaps[i]) * weight
+                        disagreement[everything] += arrays.as_float(out.disagreement[i]) * weight
                     if index == 0:
                         weight_sum[region] += weight
                         body_fraction.append(float(body_mask[region].mean())
@@ -284,32 +363,31 @@ def sliding_window_predict(
                     done = index * len(starts) + min(first + options.batch_size, len(starts))
                     progress(done / steps)
         if blend_logits:
-            torch.div(member_logits, member_weights, out=member_logits)
+            member_logits /= member_weights
             logits = member_logits if logits is None else logits + member_logits
-        features.append(torch.cat(member_features))
+        features.append(np.concatenate(member_features))
     if len(members) > 1:
         logits /= len(members)
 
-    def finish(accumulated: torch.Tensor | None, scale: float = 1.0) -> np.ndarray | None:
+    def finish(accumulated, scale: float = 1.0) -> np.ndarray | None:
         if accumulated is None:
             return None
         accumulated /= weight_sum * scale
-        return accumulated[(slice(None), *crop)].cpu().numpy()
+        return arrays.to_numpy(accumulated[(slice(None), *crop)])
 
     if blend_logits:
-        logits = logits[(slice(None), *crop)].float().cpu()
-        blended_probabilities = torch.softmax(logits, 0).numpy()
-        logits = logits.numpy()
+        logits = logits[(slice(None), *crop)]
+        blended_probabilities = arrays.softmax(logits)
+        logits = arrays.to_numpy(logits)
     else:
         blended_probabilities = finish(probabilities)
     return WindowedPrediction(
         blended_probabilities, finish(heatmaps, len(members)),
         None if disagreement is None else finish(disagreement, len(members))[0],
-        torch.stack(features).mean(0).numpy(), starts, np.asarray(body_fraction, dtype=np.float64),
-        logits)
+        np.stack(features).mean(0), starts, np.asarray(body_fraction, dtype=np.float64), logits)
 
 
-def window_bottleneck_features(net: MAMLNet, data: np.ndarray, phases: Sequence[str],
+def window_bottleneck_features(net: "MAMLNet", data: np.ndarray, phases: Sequence[str],
                                options: SlidingWindowOptions, body: np.ndarray | None = None
                                ) -> tuple[np.ndarray, np.ndarray]:
     """The (W, P, C) pooled bottleneck features and (W,) body fractions that
@@ -319,15 +397,17 @@ def window_bottleneck_features(net: MAMLNet, data: np.ndarray, phases: Sequence[
     if not hasattr(net, "backbones"):
         windowed = sliding_window_predict(net, data, phases, options, body=body)
         return windowed.window_features, windowed.window_body_fraction
+    import torch
+
+    from .network import pool_bottleneck
+
     device = resolve_device(options.device)
     patch = [int(p) for p in options.patch_size]
     align = [int(a) for a in options.align]
-    volume, _ = _pad_to_patch(torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float32), patch,
-                              align, options.pad_with)
+    volume, _ = _pad_to_patch(data, patch, align, options.pad_with)
     body_mask = None
     if body is not None:
-        body_mask = _pad_to_patch(torch.as_tensor(np.asarray(body, dtype=np.float32))[None], patch,
-                                  align)[0][0]
+        body_mask = _pad_to_patch(np.asarray(body, dtype=np.float32)[None], patch, align)[0][0]
     starts = list(itertools.product(*(window_starts(s, p, options.overlap, a)
                                       for s, p, a in zip(volume.shape[1:], patch, align))))
     present = net.present_phases(phases)
@@ -337,7 +417,8 @@ def window_bottleneck_features(net: MAMLNet, data: np.ndarray, phases: Sequence[
         for first in range(0, len(starts), options.batch_size):
             regions = [tuple(slice(s, s + p) for s, p in zip(start, patch))
                        for start in starts[first:first + options.batch_size]]
-            batch = torch.stack([volume[(slice(None), *region)] for region in regions]).to(device)
+            batch = torch.from_numpy(np.stack([volume[(slice(None), *region)]
+                                               for region in regions])).to(device)
             pooled = [pool_bottleneck(net.backbones[phase].encoder(batch[:, i:i + 1])[-1])
                       for i, phase in enumerate(present)]
             features.append(torch.stack(pooled, 1).cpu())
@@ -403,7 +484,7 @@ def predict_case(
     from .preprocessing import (labels_from_probabilities, map_to_input_geometry,
                                 preprocess_phases, probabilities_to_input_geometry)
 
-    torch_device, engine = resolve_engine(device, backend)
+    device, engine = resolve_engine(device, backend)
     case = preprocess_phases(images, model.config)
     if engine == "openvino" and not model.config.inference.is_maml:
         # Imported nnU-Net models blend logits per fold as nnU-Net does; the exported network
@@ -411,19 +492,21 @@ def predict_case(
         engine = "torch"
     if overlap is None:
         overlap = model.config.inference.overlap
-    options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=str(torch_device),
+    options = SlidingWindowOptions(model.config.patch_size, mirror=mirror, device=device,
                                    batch_size=batch_size, overlap=overlap,
                                    mirror_axes=model.config.inference.mirror_axes,
                                    blend=model.config.inference.blend,
                                    align=window_alignment(model.config),
                                    pad_with=padding_of(model.config))
-    network = inference_network(model, engine, torch_device)
+    network = inference_network(model, engine)
     windowed = sliding_window_predict(network, case.data, case.phases, options, progress,
                                       cancel, body=case.body)
     uncertainty = unit_steps(map_to_input_geometry(
         uncertainty_map(windowed.probabilities, windowed.disagreement), case))
     if windowed.logits is not None:
         # nnU-Net resamples logits to the input grid and takes the softmax there.
+        import torch
+
         probabilities = torch.softmax(torch.from_numpy(
             probabilities_to_input_geometry(windowed.logits, case)), 0).numpy()
     else:

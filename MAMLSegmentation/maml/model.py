@@ -16,31 +16,68 @@ nothing of version 2, so that earlier versions of the extension still read it.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from .config import ModelConfig
-from .errors import ModelError
-from .io import atomic_path, write_json
-from .network import FoldEnsemble, MAMLNet
+from .errors import InputError, ModelError
+from .io import atomic_path, write_bytes_atomic, write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from .network import FoldEnsemble, MAMLNet
 
 FORMAT = "maml-checkpoint"
 FORMAT_VERSION = 2
 SIDECAR_SUFFIX = ".json"
 
 
-@dataclass
 class LoadedModel:
-    config: ModelConfig
-    network: MAMLNet | FoldEnsemble
-    metadata: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-    sha256: str | None = None
+    """A checkpoint's configuration, metadata and torch network.
+
+    The network may be left unloaded (``load_model(..., lazy=True)``): it is then read from
+    ``path`` on first use of :attr:`network`, so a run that never needs it (OpenVINO from its
+    cache) never imports torch.
+    """
+
+    def __init__(self, config: ModelConfig, network: "MAMLNet | FoldEnsemble | None" = None,
+                 metadata: dict[str, Any] | None = None, path: Path | None = None,
+                 sha256: str | None = None, network_class: str | None = None,
+                 device: "str | torch.device" = "cpu"):
+        self.config = config
+        self._network = network
+        self.metadata = metadata if metadata is not None else {}
+        self.path = path
+        self.sha256 = sha256
+        # "MAMLNet" or "FoldEnsemble": what the checkpoint holds, known without loading it
+        self.network_class = network_class or (type(network).__qualname__ if network is not None
+                                               else "MAMLNet")
+        self._device = device
+
+    @property
+    def network(self) -> "MAMLNet | FoldEnsemble":
+        if self._network is None:
+            if self.path is None:
+                raise ModelError(f"model {self.config.name!r} has neither a network nor a file")
+            loaded = load_model(self.path, self._device)
+            if self.sha256 and loaded.sha256 != self.sha256:
+                raise ModelError(f"model file {self.path} changed while it was in use; run again")
+            self._network = loaded.network
+        return self._network
+
+    @network.setter
+    def network(self, network: "MAMLNet | FoldEnsemble") -> None:
+        self._network = network
+
+    @property
+    def network_loaded(self) -> bool:
+        return self._network is not None
 
     def describe(self) -> dict[str, Any]:
         """Plain-data summary for ``maml info`` and the Slicer module."""
@@ -52,7 +89,7 @@ class LoadedModel:
             "path": str(self.path) if self.path else None,
             "sha256": self.sha256,
             "format_version": FORMAT_VERSION,
-            "ensemble_size": len(self.network) if isinstance(self.network, FoldEnsemble) else 1,
+            "ensemble_size": len(self.network) if self.network_class == "FoldEnsemble" else 1,
             "phases": self.config.phases,
             "labels": [{"value": l.value, "name": l.name, "color": list(l.color)}
                        for l in self.config.labels],
@@ -77,7 +114,7 @@ def _plain(value: Any) -> Any:
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "tolist"):  # a tensor or numpy array
         return value.tolist()
     return value
 
@@ -101,10 +138,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str | Path, network: MAMLNet | FoldEnsemble, config: ModelConfig,
+def save_checkpoint(path: str | Path, network: "MAMLNet | FoldEnsemble", config: ModelConfig,
                     metadata: dict[str, Any] | None = None, sidecar: bool = True) -> Path:
     """Writes atomically: a temporary file in the same folder, then a rename; then its model card
     (``sidecar``), written after the checkpoint so it is never older than it."""
+    import torch
+
+    from .network import FoldEnsemble
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
@@ -128,6 +169,8 @@ def save_checkpoint(path: str | Path, network: MAMLNet | FoldEnsemble, config: M
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw payload, checked for format and version."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
@@ -175,8 +218,28 @@ def _recognise_linear_attention(config: ModelConfig, state_dict) -> None:
         config.network.ma_variant = "paper-linear"
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(path: str | Path, device: "str | torch.device" = "cpu", lazy: bool = False) -> LoadedModel:
+    """The checkpoint at ``path``. ``lazy``: when this checkpoint (by its sha256) was loaded
+    before, its configuration and metadata come from the user's cache (:func:`described_model`)
+    and the network is loaded only when used; otherwise the whole file is read and the cache
+    filled for the next time."""
     path = Path(path)
+    if lazy:
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        digest = file_sha256(path)
+        described = described_model(path, digest, device)
+        if described is not None:
+            return described
+    loaded = _load_checkpoint(path, device)
+    if lazy:
+        remember_model(loaded)
+    return loaded
+
+
+def _load_checkpoint(path: Path, device: "str | torch.device") -> LoadedModel:
+    from .network import FoldEnsemble, MAMLNet
+
     payload = read_checkpoint(path)
     try:
         config = ModelConfig.from_dict(payload["config"])
@@ -194,4 +257,75 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         first_line = str(error).splitlines()[0]
         raise ModelError(f"model file {path}: weights do not match its configuration: {first_line}") from error
     network.to(device).eval()
-    return LoadedModel(config, network, dict(payload.get("metadata", {})), path, file_sha256(path))
+    return LoadedModel(config, network, dict(payload.get("metadata", {})), path, file_sha256(path),
+                       device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a checkpoint holds besides its weights, cached by its sha256: reading it back takes
+# milliseconds, where reading the checkpoint needs torch (about 3 s to import).
+# --------------------------------------------------------------------------------------------------
+
+DESCRIPTION_FORMAT = 1
+
+
+def description_file(digest: str) -> Path:
+    from .backends import cache_root
+
+    return cache_root() / "models" / f"{digest}.json"
+
+
+def _to_json(value: Any) -> Any:
+    """Metadata as JSON, tensors and arrays marked so that they come back as numpy arrays."""
+    if isinstance(value, dict):
+        return {str(key): _to_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item) for item in value]
+    if hasattr(value, "tolist") and hasattr(value, "shape"):
+        array = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+        return {"__array__": array.tolist(), "dtype": str(array.dtype), "shape": list(array.shape)}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__array__" in value:
+            return np.asarray(value["__array__"], dtype=value["dtype"]).reshape(value["shape"])
+        return {key: _from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json(item) for item in value]
+    return value
+
+
+def _content_digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def remember_model(model: LoadedModel) -> None:
+    """Writes the model's description to the cache (atomically); a cache that cannot be written
+    only costs the next run its speed."""
+    if not model.sha256:
+        return
+    record = {"format": DESCRIPTION_FORMAT, "sha256": model.sha256, "config": model.config.to_dict(),
+              "metadata": _to_json(model.metadata), "network_class": model.network_class}
+    record["content_sha256"] = _content_digest(record)
+    try:
+        write_bytes_atomic(json.dumps(record).encode(), description_file(model.sha256))
+    except (OSError, ValueError, TypeError, InputError):
+        pass
+
+
+def described_model(path: Path, digest: str, device: "str | torch.device" = "cpu") -> LoadedModel | None:
+    """The model from its cached description, its network not loaded; None when there is none or
+    it is not whole (a damaged entry is never trusted: the checkpoint is read again)."""
+    try:
+        record = json.loads(description_file(digest).read_text())
+        content = {key: value for key, value in record.items() if key != "content_sha256"}
+        if (record.get("format") != DESCRIPTION_FORMAT or record.get("sha256") != digest
+                or record.get("content_sha256") != _content_digest(content)):
+            return None
+        config = ModelConfig.from_dict(record["config"])
+        return LoadedModel(config, None, _from_json(record["metadata"]), path, digest,
+                           record["network_class"], device)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ModelError):
+        return None

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .config import ModelConfig, NetworkConfig
 from .errors import InputError, ModelError
+from .inference import WindowOutput
 
 
 class ConvNormAct(nn.Module):
@@ -185,27 +186,6 @@ class MAMLOutput:
     fused_logits: torch.Tensor | None
     attention: dict[str, torch.Tensor] | None
     bottleneck: dict[str, torch.Tensor] | None = None  # per phase, the deepest encoder features
-
-
-class WindowOutput(NamedTuple):
-    """What inference takes from one batch of windows (:meth:`MAMLNet.predict`).
-
-    probabilities: (B, K, ...) of the fused head, or of the one present phase's head (the mean of
-    the present heads' when two or more of N > 2 phases are given).
-    heatmaps: (B, P, ...) channel-mean attention per phase, fused head only, else None.
-    disagreement: (B, 1, ...) in [0, 1], the mean Jensen-Shannon divergence between the fused head
-    and each phase's own head (in bits), fused head only, else None.
-    bottleneck: (B, P, 2C) each present phase's deepest encoder features pooled over the window
-    (:func:`pool_bottleneck`): what the out-of-distribution check measures distances on.
-    logits: (B, K, ...) the logits whose softmax ``probabilities`` is (for a mean of heads, the
-    mean of their logits), for models that blend logits as nnU-Net does (``InferenceConfig``).
-    """
-
-    probabilities: torch.Tensor
-    heatmaps: torch.Tensor | None
-    disagreement: torch.Tensor | None
-    bottleneck: torch.Tensor
-    logits: torch.Tensor | None = None
 
 
 class MAMLNet(nn.Module):

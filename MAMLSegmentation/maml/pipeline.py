@@ -95,17 +95,20 @@ class _Reporter:
         self.timings[step] = round(time.perf_counter() - self._started.pop(step, time.perf_counter()), 3)
 
 
-def resolve_model(model: LoadedModel | str | Path | None, device: str = "cpu") -> LoadedModel:
+def resolve_model(model: LoadedModel | str | Path | None, device: str = "cpu",
+                  lazy: bool = False) -> LoadedModel:
+    """The model given (or the bundled one). ``lazy``: its network loaded only when used (see
+    :func:`maml.model.load_model`), for a backend that may not need it."""
     if isinstance(model, LoadedModel):
         return model
     if model is None:
         path = default_model_path()
         if not path.is_file():
             raise ModelError(f"no model given and the bundled demo model {path} is missing: pass --model")
-        return load_model(path, device)
+        return load_model(path, device, lazy)
     from .models import resolve_model as installed_or_file
 
-    return load_model(installed_or_file(model), device)
+    return load_model(installed_or_file(model), device, lazy)
 
 
 def choose_reference(given: list[str], model_phases: list[str], reference: str | None) -> str:
@@ -150,7 +153,7 @@ def segment(
     report = _Reporter(progress)
     report("load", 0.0, "loading the model and images")
     device, backend = resolve_engine(options.device, options.backend)
-    loaded = resolve_model(model, device)
+    loaded = resolve_model(model, device, lazy=backend == "openvino")
     config = loaded.config
     if not images:
         raise InputError(f"no phase images given; model {config.name!r} takes {config.phases}")
@@ -207,7 +210,7 @@ def segment(
         "domain_check": domain.to_dict(),
         "registration": {"preset": options.registration, "engine": options.registration_engine,
                          "phases": quality},
-        "device": str(device) if device.type == "cpu" else f"{device} ({_gpu_name()})",
+        "device": device if device == "cpu" else f"{device} ({_gpu_name()})",
         "backend": prediction.backend,
         "model": {
             "name": config.name, "path": str(loaded.path) if loaded.path else None,

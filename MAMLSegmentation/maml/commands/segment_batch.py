@@ -21,7 +21,8 @@ def run(args) -> int:
 
     printer = ProgressPrinter(args.json_progress, "segment-batch")
     with reported_run(printer):
-        model = resolve_model(args.model, resolve_engine(args.device, args.backend)[0])
+        device, backend = resolve_engine(args.device, args.backend)
+        model = resolve_model(args.model, device, lazy=backend == "openvino")
         rows = run_batch(args.input, args.out, model, options_from(args), overwrite=args.overwrite,
                          overview=not args.no_overview, progress=printer)
         failed = [r for r in rows if r.get("status") != "ok"]
