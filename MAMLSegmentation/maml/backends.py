@@ -37,11 +37,10 @@ from .config import BACKENDS
 from .errors import InputError, ModelError
 from .inference import WindowOutput
 from .io import write_bytes_atomic
+from .model import LoadedModel, file_sha256
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from .model import LoadedModel
 
 # Bump when the exported graph changes for the same weights (wrapper, outputs): old entries are
 # then ignored.
@@ -125,14 +124,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maml"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class OpenVINONetwork:
     """A network compiled by OpenVINO for the CPU, with MAMLNet's ``predict`` on numpy batches.
 
@@ -148,8 +139,6 @@ class OpenVINONetwork:
     def __init__(self, source: "nn.Module | LoadedModel", weights_key: str | None = None,
                  threads: int | None = None, cache: Path | None = None):
         import openvino as ov
-
-        from .model import LoadedModel
 
         self._ov = ov
         if isinstance(source, LoadedModel):
@@ -193,7 +182,7 @@ class OpenVINONetwork:
             record = json.loads((folder / ENTRY_FILE).read_text())
             if {k: record.get(k) for k in description} != description:
                 return None
-            if any(_file_sha256(folder / name) != record["sha256"][name] for name in MODEL_FILES):
+            if any(file_sha256(folder / name) != record["sha256"][name] for name in MODEL_FILES):
                 return None
             return record
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -216,7 +205,7 @@ class OpenVINONetwork:
         try:
             self._ov.save_model(model, temporary / MODEL_FILES[0], compress_to_fp16=False)
             record = dict(description, fields=fields,
-                          sha256={name: _file_sha256(temporary / name) for name in MODEL_FILES})
+                          sha256={name: file_sha256(temporary / name) for name in MODEL_FILES})
             (temporary / ENTRY_FILE).write_text(json.dumps(record, indent=1))
             if folder.exists():  # a broken entry (a sound one would have been used)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -258,7 +247,7 @@ class OpenVINONetwork:
         name = hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:16]
         blob_file, record_file = folder / f"compiled-{name}.blob", folder / f"compiled-{name}.json"
         try:
-            if json.loads(record_file.read_text()).get("sha256") == _file_sha256(blob_file):
+            if json.loads(record_file.read_text()).get("sha256") == file_sha256(blob_file):
                 return core.import_model(io.BytesIO(blob_file.read_bytes()), "CPU", config)
         except (OSError, ValueError, AttributeError, RuntimeError):
             pass  # missing, partial, from another build: compile afresh
