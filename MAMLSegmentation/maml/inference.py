@@ -279,6 +279,20 @@ class _Arrays:
         return stacked
 
 
+def _window_grid(data, body: np.ndarray | None, options: SlidingWindowOptions):
+    """The padded volume (:func:`_pad_to_patch`), the crop back to ``data``, the padded body mask
+    (or None) and every window's start: what both sliding passes below walk over."""
+    patch = [int(p) for p in options.patch_size]
+    align = [int(a) for a in options.align]
+    volume, crop = _pad_to_patch(data, patch, align, options.pad_with)
+    body_mask = None
+    if body is not None:
+        body_mask = _pad_to_patch(np.asarray(body, dtype=np.float32)[None], patch, align)[0][0]
+    starts = list(itertools.product(*(window_starts(s, p, options.overlap, a)
+                                      for s, p, a in zip(volume.shape[1:], patch, align))))
+    return volume, crop, body_mask, starts
+
+
 def sliding_window_predict(
     net,
     data: np.ndarray,
@@ -298,15 +312,9 @@ def sliding_window_predict(
     volume = np.asarray(data, dtype=np.float32)
     if volume.ndim != 4:
         raise InputError(f"inference input must be (phases, z, y, x), got shape {tuple(volume.shape)}")
+    volume, crop, body_mask, starts = _window_grid(volume, body, options)
     patch = [int(p) for p in options.patch_size]
-    align = [int(a) for a in options.align]
-    volume, crop = _pad_to_patch(volume, patch, align, options.pad_with)
-    body_mask = None
-    if body is not None:
-        body_mask = _pad_to_patch(np.asarray(body, dtype=np.float32)[None], patch, align)[0][0]
     shape = volume.shape[1:]
-    starts = list(itertools.product(*(window_starts(s, p, options.overlap, a)
-                                      for s, p, a in zip(shape, patch, align))))
     arrays = _Arrays(options.device, bool(getattr(net, "takes_numpy", False)))
     if not arrays.numpy and isinstance(net, arrays.torch.nn.Module):
         net = net.to(arrays.device)
@@ -402,14 +410,8 @@ def window_bottleneck_features(net: "MAMLNet", data: np.ndarray, phases: Sequenc
     from .network import pool_bottleneck
 
     device = resolve_device(options.device)
+    volume, _, body_mask, starts = _window_grid(data, body, options)
     patch = [int(p) for p in options.patch_size]
-    align = [int(a) for a in options.align]
-    volume, _ = _pad_to_patch(data, patch, align, options.pad_with)
-    body_mask = None
-    if body is not None:
-        body_mask = _pad_to_patch(np.asarray(body, dtype=np.float32)[None], patch, align)[0][0]
-    starts = list(itertools.product(*(window_starts(s, p, options.overlap, a)
-                                      for s, p, a in zip(volume.shape[1:], patch, align))))
     present = net.present_phases(phases)
     features, fractions = [], []
     net = net.to(device)

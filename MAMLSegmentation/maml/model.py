@@ -224,20 +224,18 @@ def load_model(path: str | Path, device: "str | torch.device" = "cpu", lazy: boo
     and the network is loaded only when used; otherwise the whole file is read and the cache
     filled for the next time."""
     path = Path(path)
-    if lazy:
-        if not path.is_file():
-            raise ModelError(f"model file {path} does not exist")
-        digest = file_sha256(path)
-        described = described_model(path, digest, device)
-        if described is not None:
-            return described
-    loaded = _load_checkpoint(path, device)
-    if lazy:
-        remember_model(loaded)
-    return loaded
+    if not (lazy and path.is_file()):  # a missing file: read_checkpoint says so
+        return _load_checkpoint(path, device)
+    digest = file_sha256(path)
+    described = described_model(path, digest, device)
+    if described is None:
+        described = _load_checkpoint(path, device, digest)
+        remember_model(described)
+    return described
 
 
-def _load_checkpoint(path: Path, device: "str | torch.device") -> LoadedModel:
+def _load_checkpoint(path: Path, device: "str | torch.device", digest: str | None = None) -> LoadedModel:
+    """``digest``: the file's sha256 when the caller has it already (else it is computed)."""
     from .network import FoldEnsemble, MAMLNet
 
     payload = read_checkpoint(path)
@@ -257,8 +255,8 @@ def _load_checkpoint(path: Path, device: "str | torch.device") -> LoadedModel:
         first_line = str(error).splitlines()[0]
         raise ModelError(f"model file {path}: weights do not match its configuration: {first_line}") from error
     network.to(device).eval()
-    return LoadedModel(config, network, dict(payload.get("metadata", {})), path, file_sha256(path),
-                       device=device)
+    return LoadedModel(config, network, dict(payload.get("metadata", {})), path,
+                       digest or file_sha256(path), device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,8 +306,8 @@ def remember_model(model: LoadedModel) -> None:
         return
     record = {"format": DESCRIPTION_FORMAT, "sha256": model.sha256, "config": model.config.to_dict(),
               "metadata": _to_json(model.metadata), "network_class": model.network_class}
-    record["content_sha256"] = _content_digest(record)
     try:
+        record["content_sha256"] = _content_digest(record)  # fails as json.dumps does, if it does
         write_bytes_atomic(json.dumps(record).encode(), description_file(model.sha256))
     except (OSError, ValueError, TypeError, InputError):
         pass
